@@ -1,0 +1,48 @@
+"""pgq: a durable job queue for Python on PostgreSQL, with task aggregation."""
+
+from __future__ import annotations
+
+from pgq.client import AsyncClient, Client
+from pgq.errors import (
+    ConfigError,
+    DuplicateTaskError,
+    EnqueueError,
+    InvalidArgumentError,
+    InvalidName,
+    InvalidPayloadError,
+    LeaseLost,
+    PayloadTooLargeError,
+    PayloadTypeError,
+    PgqError,
+    QueueNotEmptyError,
+    QueueNotFoundError,
+    SkipRetry,
+    TaskIDConflictError,
+    TaskNotFoundError,
+    TaskStateError,
+)
+from pgq.task import STATES, Task, TaskInfo
+
+__all__ = [
+    "STATES",
+    "AsyncClient",
+    "Client",
+    "ConfigError",
+    "DuplicateTaskError",
+    "EnqueueError",
+    "InvalidArgumentError",
+    "InvalidName",
+    "InvalidPayloadError",
+    "LeaseLost",
+    "PayloadTooLargeError",
+    "PayloadTypeError",
+    "PgqError",
+    "QueueNotEmptyError",
+    "QueueNotFoundError",
+    "SkipRetry",
+    "Task",
+    "TaskIDConflictError",
+    "TaskInfo",
+    "TaskNotFoundError",
+    "TaskStateError",
+]

@@ -1,0 +1,510 @@
+"""Client and AsyncClient: enqueue tasks, alone or inside the caller's transaction.
+
+Both are thin twins over two pure helpers: `build_params` validates every
+option and turns a list of tasks into the bound arrays of the one insert query
+(`task_enqueue`), and `to_infos` turns its rows into TaskInfo. Validation runs
+before any SQL is sent, so a bad enqueue never aborts the caller's transaction.
+
+With `conn=`, the enqueue runs on the caller's connection and never commits it.
+The only error that PostgreSQL itself detects is a task_id conflict; when a
+task_id is given, the insert runs under a savepoint so that conflict leaves the
+caller's transaction usable.
+
+Wake-ups: the insert sends one NOTIFY per queue (PostgreSQL folds duplicates
+within a transaction). On its own connections the Client debounces them per
+queue (see `WakeDebouncer`): a NOTIFY serialises commits database-wide, so
+under a stream of enqueues only the first in each short window notifies and a
+trailing NOTIFY covers the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import psycopg_pool
+
+from pgq import _sql, db
+from pgq.errors import (
+    DuplicateTaskError,
+    InvalidArgumentError,
+    TaskIDConflictError,
+)
+from pgq.task import (
+    ENQUEUE_OPTIONS,
+    Task,
+    TaskInfo,
+    check_name,
+    encode_headers,
+    encode_payload,
+    parse_duration,
+)
+
+_SAVEPOINT = "SAVEPOINT pgq_enqueue"
+_ROLLBACK_SAVEPOINT = "ROLLBACK TO SAVEPOINT pgq_enqueue"
+_RELEASE_SAVEPOINT = "RELEASE SAVEPOINT pgq_enqueue"
+
+_COLUMNS = (
+    "task_id",
+    "queue",
+    "type",
+    "payload",
+    "headers",
+    "group_key",
+    "max_retry",
+    "timeout",
+    "deadline",
+    "retention",
+    "unique_ttl",
+    "process_at",
+    "process_in",
+)
+
+
+def _positive(value: Any, name: str) -> float:
+    s = parse_duration(value, name)
+    if s <= 0:
+        raise InvalidArgumentError(f"{name} must be positive, got {value!r}")
+    return s
+
+
+def _aware(value: Any, name: str) -> datetime:
+    if not isinstance(value, datetime):
+        raise InvalidArgumentError(f"{name} must be a datetime, not {type(value).__name__}")
+    if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
+        raise InvalidArgumentError(f"{name} must be timezone-aware (got a naive datetime: {value})")
+    return value
+
+
+def _row(task: Task, opts: dict[str, Any]) -> tuple[Any, ...]:
+    if not isinstance(task, Task):
+        raise InvalidArgumentError(f"enqueue takes a pgq.Task, not {type(task).__name__}")
+    unknown = set(opts) - ENQUEUE_OPTIONS
+    if unknown:
+        raise TypeError(f"unknown enqueue option(s) {sorted(unknown)}; known: {sorted(ENQUEUE_OPTIONS)}")
+    o = {**task.options, **{k: v for k, v in opts.items()}}
+    check_name(task.type, "task type")
+    queue = check_name(o.get("queue", "default"), "queue")
+    group = o.get("group")
+    if group is not None:
+        check_name(group, "group")
+    task_id = o.get("task_id")
+    if task_id is not None:
+        check_name(task_id, "task_id", allow_digits=False)
+    max_retry = o.get("max_retry", 25)
+    if isinstance(max_retry, bool) or not isinstance(max_retry, int):
+        raise InvalidArgumentError(f"max_retry must be an int, not {type(max_retry).__name__}")
+    if max_retry < 0:
+        raise InvalidArgumentError(f"max_retry must be >= 0, got {max_retry}")
+    if max_retry > 2**31 - 1:
+        raise InvalidArgumentError(f"max_retry is too large: {max_retry}")
+    timeout = o.get("timeout")
+    timeout_s = _positive(timeout, "timeout") if timeout is not None else None
+    deadline = o.get("deadline")
+    if deadline is not None:
+        _aware(deadline, "deadline")
+    retention = o.get("retention")
+    retention_s = None
+    if retention is not None:
+        retention_s = parse_duration(retention, "retention")
+        if retention_s < 0:
+            raise InvalidArgumentError(f"retention must not be negative, got {retention!r}")
+    unique = o.get("unique")
+    unique_s = _positive(unique, "unique") if unique is not None else None
+    process_at, process_in = o.get("process_at"), o.get("process_in")
+    if process_at is not None and process_in is not None:
+        raise InvalidArgumentError("give process_at or process_in, not both")
+    if process_at is not None:
+        _aware(process_at, "process_at")
+    process_in_s = None
+    if process_in is not None:
+        process_in_s = parse_duration(process_in, "process_in")
+        if process_in_s < 0:
+            raise InvalidArgumentError(f"process_in must not be negative, got {process_in!r}")
+    return (
+        task_id,
+        queue,
+        task.type,
+        encode_payload(task.payload),
+        encode_headers(task.headers) if task.headers else None,
+        group,
+        max_retry,
+        timeout_s,
+        deadline,
+        retention_s,
+        unique_s,
+        process_at,
+        process_in_s,
+    )
+
+
+def build_params(items: Sequence[tuple[Task, dict[str, Any]]]) -> dict[str, Any]:
+    """Validate each (task, options) pair and build the arrays of `task_enqueue`."""
+    rows = [_row(t, o) for t, o in items]
+    if not rows:
+        raise InvalidArgumentError("nothing to enqueue")
+    seen_ids: set[tuple[str, str]] = set()
+    seen_unique: set[tuple[str, str, str]] = set()
+    for r in rows:
+        if r[0] is not None:
+            if (r[1], r[0]) in seen_ids:
+                raise TaskIDConflictError(f"task_id {r[0]!r} appears twice in queue {r[1]!r}")
+            seen_ids.add((r[1], r[0]))
+        if r[10] is not None:
+            key = (r[1], r[2], r[3])
+            if key in seen_unique:
+                raise DuplicateTaskError(
+                    f"two unique tasks of type {r[2]!r} with the same payload in queue {r[1]!r}"
+                )
+            seen_unique.add(key)
+    params: dict[str, Any] = {name: [r[i] for r in rows] for i, name in enumerate(_COLUMNS)}
+    return params
+
+
+def to_infos(
+    rows: Sequence[dict[str, Any]], items: Sequence[tuple[Task, dict[str, Any]]], params: dict[str, Any]
+) -> list[TaskInfo]:
+    """TaskInfo for each inserted row; DuplicateTaskError when a unique task was skipped."""
+    if len(rows) != len(items):
+        skipped = len(items) - len(rows)
+        raise DuplicateTaskError(
+            f"{skipped} task(s) not enqueued: a task with the same queue, type and payload "
+            "holds its unique lock"
+        )
+    out = []
+    for r, (task, _), i in zip(rows, items, range(len(items)), strict=True):
+        out.append(
+            TaskInfo(
+                id=r["task_id"] if r["task_id"] is not None else str(r["id"]),
+                queue=r["queue"],
+                type=task.type,
+                payload=task.payload,
+                state=r["state"],
+                group=r["group_key"],
+                max_retry=params["max_retry"][i],
+                retried=0,
+                next_process_at=r["run_at"],
+                enqueued_at=r["enqueued_at"],
+                headers=dict(task.headers),
+            )
+        )
+    return out
+
+
+def _map_error(exc: psycopg.errors.UniqueViolation) -> Exception:
+    if exc.diag.constraint_name and "task_id" in exc.diag.constraint_name:
+        return TaskIDConflictError("a task with this task_id already exists in the queue")
+    return exc
+
+
+class WakeDebouncer:
+    """Decides which queues an enqueue on pgq's own connection should NOTIFY.
+
+    A queue notified less than `window` seconds ago is not notified again; it is
+    marked due for a trailing NOTIFY instead, which `take_due()` hands out once
+    the window has passed (unless a later enqueue notified first). With window=0
+    every enqueue notifies.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self._last: dict[str, float] = {}
+        self._trailing: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def choose(self, queues: Iterable[str]) -> tuple[list[str], float | None]:
+        """(queues to notify now, delay after which trailing ones are due, or None)."""
+        if self.window <= 0:
+            return sorted(set(queues)), None
+        now = time.monotonic()
+        notify, delay = [], None
+        with self._lock:
+            for q in set(queues):
+                last = self._last.get(q)
+                if last is None or now - last >= self.window:
+                    self._last[q] = now
+                    self._trailing.pop(q, None)
+                    notify.append(q)
+                else:
+                    due = last + self.window
+                    self._trailing[q] = due
+                    delay = due - now if delay is None else min(delay, due - now)
+        return notify, delay
+
+    def take_due(self) -> tuple[list[str], float | None]:
+        """(queues whose trailing NOTIFY is due now, delay until the next one, or None)."""
+        now = time.monotonic()
+        due, nxt = [], None
+        with self._lock:
+            for q, at in list(self._trailing.items()):
+                if at <= now:
+                    del self._trailing[q]
+                    self._last[q] = now
+                    due.append(q)
+                else:
+                    nxt = at - now if nxt is None else min(nxt, at - now)
+        return due, nxt
+
+    def drain(self) -> list[str]:
+        """Every queue still waiting for a trailing NOTIFY (at close)."""
+        with self._lock:
+            queues = list(self._trailing)
+            self._trailing.clear()
+        return queues
+
+
+def _items(tasks: Iterable[Task], opts: dict[str, Any]) -> list[tuple[Task, dict[str, Any]]]:
+    return [(t, opts) for t in tasks]
+
+
+class Client:
+    """Enqueues tasks. Thread-safe; share one per process.
+
+    Client(dsn) owns a small connection pool; Client(pool=...) uses yours.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: psycopg_pool.ConnectionPool[Any] | None = None,
+        schema: str = "pgq",
+        notify_window: float = 0.002,
+    ) -> None:
+        self._schema = _sql.check_schema(schema)
+        self._q = _sql.query("task_enqueue", schema)
+        self._q_notify = _sql.query("task_notify", schema)
+        self._own_pool = pool is None
+        self._pool = pool if pool is not None else db.pool(db.resolve_dsn(dsn), "client", max_size=8)
+        self._debounce = WakeDebouncer(notify_window)
+        self._timer: threading.Timer | None = None
+        self._timer_lock = threading.Lock()
+        self._closed = False
+
+    def enqueue(self, task: Task, *, conn: psycopg.Connection[Any] | None = None, **opts: Any) -> TaskInfo:
+        """Enqueue one task; see DESIGN.md for the options."""
+        return self._run(_items([task], opts), conn)[0]
+
+    def enqueue_many(
+        self, tasks: Iterable[Task], *, conn: psycopg.Connection[Any] | None = None, **opts: Any
+    ) -> list[TaskInfo]:
+        """Enqueue many tasks in one statement; all or nothing."""
+        return self._run(_items(tasks, opts), conn)
+
+    def _run(self, items: list[tuple[Task, dict[str, Any]]], conn: psycopg.Connection[Any] | None) -> list[TaskInfo]:
+        if self._closed:
+            raise RuntimeError("this Client is closed")
+        params = build_params(items)
+        if conn is not None:
+            params["notify"] = sorted(set(params["queue"]))
+            return self._run_on(conn, items, params)
+        params["notify"], delay = self._debounce.choose(params["queue"])
+        with self._pool.connection() as c:
+            if len(items) == 1:
+                rows = self._execute(c, params)
+            else:
+                with c.transaction():  # all or nothing: a skipped unique task rolls back the rest
+                    infos = to_infos(self._execute(c, params), items, params)
+        if delay is not None:
+            self._arm(delay)
+        return to_infos(rows, items, params) if len(items) == 1 else infos
+
+    def _run_on(
+        self, conn: psycopg.Connection[Any], items: list[tuple[Task, dict[str, Any]]], params: dict[str, Any]
+    ) -> list[TaskInfo]:
+        guard = any(t is not None for t in params["task_id"]) or len(items) > 1
+        idle_autocommit = conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        if not guard or idle_autocommit and len(items) == 1:
+            return to_infos(self._execute(conn, params), items, params)
+        if idle_autocommit:
+            with conn.transaction():
+                return to_infos(self._execute(conn, params), items, params)
+        conn.execute(_SAVEPOINT)
+        try:
+            infos = to_infos(self._execute(conn, params), items, params)
+        except BaseException:
+            conn.execute(_ROLLBACK_SAVEPOINT)
+            conn.execute(_RELEASE_SAVEPOINT)
+            raise
+        conn.execute(_RELEASE_SAVEPOINT)
+        return infos
+
+    def _execute(self, conn: psycopg.Connection[Any], params: dict[str, Any]) -> list[dict[str, Any]]:
+        try:
+            cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+            return cur.execute(self._q, params).fetchall()
+        except psycopg.errors.UniqueViolation as exc:
+            raise _map_error(exc) from None
+
+    def _arm(self, delay: float) -> None:
+        with self._timer_lock:
+            if self._timer is not None or self._closed:
+                return
+            self._timer = threading.Timer(delay, self._trailing)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _trailing(self) -> None:
+        with self._timer_lock:
+            self._timer = None
+        due, nxt = self._debounce.take_due()
+        if due:
+            try:
+                with self._pool.connection() as c:
+                    c.execute(self._q_notify, {"queues": due})
+            except psycopg.Error:  # a wake-up is a hint; workers poll on a floor anyway
+                pass
+        if nxt is not None:
+            self._arm(nxt)
+
+    def close(self) -> None:
+        with self._timer_lock:
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        pending = self._debounce.drain()
+        if pending:
+            try:
+                with self._pool.connection() as c:
+                    c.execute(self._q_notify, {"queues": pending})
+            except psycopg.Error:
+                pass
+        self._closed = True
+        if self._own_pool:
+            self._pool.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio twin of Client: the same methods, awaitable; conn= takes an AsyncConnection."""
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: psycopg_pool.AsyncConnectionPool[Any] | None = None,
+        schema: str = "pgq",
+        notify_window: float = 0.002,
+    ) -> None:
+        self._schema = _sql.check_schema(schema)
+        self._q = _sql.query("task_enqueue", schema)
+        self._q_notify = _sql.query("task_notify", schema)
+        self._dsn = None if pool is not None else db.resolve_dsn(dsn)
+        self._pool = pool
+        self._own_pool = pool is None
+        self._debounce = WakeDebouncer(notify_window)
+        self._trailing_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def _get_pool(self) -> psycopg_pool.AsyncConnectionPool[Any]:
+        if self._pool is None:
+            assert self._dsn is not None
+            self._pool = await db.pool_async(self._dsn, "client", max_size=8)
+        return self._pool
+
+    async def enqueue(
+        self, task: Task, *, conn: psycopg.AsyncConnection[Any] | None = None, **opts: Any
+    ) -> TaskInfo:
+        return (await self._run(_items([task], opts), conn))[0]
+
+    async def enqueue_many(
+        self, tasks: Iterable[Task], *, conn: psycopg.AsyncConnection[Any] | None = None, **opts: Any
+    ) -> list[TaskInfo]:
+        return await self._run(_items(tasks, opts), conn)
+
+    async def _run(
+        self, items: list[tuple[Task, dict[str, Any]]], conn: psycopg.AsyncConnection[Any] | None
+    ) -> list[TaskInfo]:
+        if self._closed:
+            raise RuntimeError("this AsyncClient is closed")
+        params = build_params(items)
+        if conn is not None:
+            params["notify"] = sorted(set(params["queue"]))
+            return await self._run_on(conn, items, params)
+        params["notify"], delay = self._debounce.choose(params["queue"])
+        pool = await self._get_pool()
+        async with pool.connection() as c:
+            if len(items) == 1:
+                rows = await self._execute(c, params)
+            else:
+                async with c.transaction():  # all or nothing: a skipped unique task rolls back the rest
+                    infos = to_infos(await self._execute(c, params), items, params)
+        if delay is not None and self._trailing_task is None:
+            self._trailing_task = asyncio.ensure_future(self._trailing(delay))
+        return to_infos(rows, items, params) if len(items) == 1 else infos
+
+    async def _run_on(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        items: list[tuple[Task, dict[str, Any]]],
+        params: dict[str, Any],
+    ) -> list[TaskInfo]:
+        guard = any(t is not None for t in params["task_id"]) or len(items) > 1
+        idle_autocommit = conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        if not guard or idle_autocommit and len(items) == 1:
+            return to_infos(await self._execute(conn, params), items, params)
+        if idle_autocommit:
+            async with conn.transaction():
+                return to_infos(await self._execute(conn, params), items, params)
+        await conn.execute(_SAVEPOINT)
+        try:
+            infos = to_infos(await self._execute(conn, params), items, params)
+        except BaseException:
+            await conn.execute(_ROLLBACK_SAVEPOINT)
+            await conn.execute(_RELEASE_SAVEPOINT)
+            raise
+        await conn.execute(_RELEASE_SAVEPOINT)
+        return infos
+
+    async def _execute(self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any]) -> list[dict[str, Any]]:
+        try:
+            cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+            await cur.execute(self._q, params)
+            return await cur.fetchall()
+        except psycopg.errors.UniqueViolation as exc:
+            raise _map_error(exc) from None
+
+    async def _trailing(self, delay: float | None) -> None:
+        try:
+            while delay is not None:
+                await asyncio.sleep(delay)
+                due, delay = self._debounce.take_due()
+                if due:
+                    await self._notify(due)
+        finally:
+            self._trailing_task = None
+
+    async def _notify(self, queues: list[str]) -> None:
+        try:
+            pool = await self._get_pool()
+            async with pool.connection() as c:
+                await c.execute(self._q_notify, {"queues": queues})
+        except psycopg.Error:  # a wake-up is a hint; workers poll on a floor anyway
+            pass
+
+    async def close(self) -> None:
+        if self._trailing_task is not None:
+            self._trailing_task.cancel()
+            self._trailing_task = None
+        pending = self._debounce.drain()
+        if pending:
+            await self._notify(pending)
+        self._closed = True
+        if self._own_pool and self._pool is not None:
+            await self._pool.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,96 @@
+"""Apply sql/migrations/NNNN_name.sql in order, each in its own transaction.
+
+Idempotent (applied versions are recorded in <schema>.migration) and safe to run
+concurrently: a session advisory lock keyed on the schema serialises runners, and
+a runner that waited finds the versions already applied.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgq import _sql, db
+
+_FILE_RE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    path: str
+
+
+def available() -> list[Migration]:
+    out = []
+    for p in sorted((_sql.sql_dir() / "migrations").glob("*.sql")):
+        m = _FILE_RE.match(p.name)
+        if m:
+            out.append(Migration(int(m.group(1)), m.group(2), f"migrations/{p.name}"))
+    return out
+
+
+def _lock_key(schema: str) -> str:
+    return f"pgq-migrate:{schema}"
+
+
+def applied(conn: psycopg.Connection[Any], schema: str = "pgq") -> list[int]:
+    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL AS e", (f"{schema}.migration",)).fetchone()
+    if not exists or not _first(exists):
+        return []
+    q = sql.SQL("SELECT version FROM {}.migration ORDER BY version").format(sql.Identifier(schema))
+    return [_first(r) for r in conn.execute(q).fetchall()]
+
+
+def _first(row: Any) -> Any:
+    return next(iter(row.values())) if isinstance(row, dict) else row[0]
+
+
+def migrate_conn(conn: psycopg.Connection[Any], schema: str = "pgq") -> list[Migration]:
+    """Apply pending migrations on an autocommit connection; returns those applied."""
+    _sql.check_schema(schema)
+    ident = sql.Identifier(schema)
+    conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (_lock_key(schema),))
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident))
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {}.migration (version integer PRIMARY KEY, "
+                    "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+                ).format(ident)
+            )
+        done = set(applied(conn, schema))
+        ran = []
+        for m in available():
+            if m.version in done:
+                continue
+            with conn.transaction():
+                conn.execute(_sql.script(m.path, schema))
+                conn.execute(
+                    sql.SQL("INSERT INTO {}.migration (version, name) VALUES (%s, %s)").format(ident),
+                    (m.version, m.name),
+                )
+            ran.append(m)
+        return ran
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_lock_key(schema),))
+
+
+def migrate(dsn: str | None = None, schema: str = "pgq") -> list[Migration]:
+    """Apply pending migrations to the database at dsn (None: $PGQ_DSN or the embedded default)."""
+    with db.connect(db.resolve_dsn(dsn), "migrate") as conn:
+        return migrate_conn(conn, schema)
+
+
+def status(dsn: str | None = None, schema: str = "pgq") -> dict[str, list[int]]:
+    with db.connect(db.resolve_dsn(dsn), "migrate") as conn:
+        done = applied(conn, schema)
+    return {"applied": done, "pending": [m.version for m in available() if m.version not in done]}
+
+
