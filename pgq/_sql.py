@@ -11,7 +11,7 @@ import functools
 import re
 from importlib import resources
 from pathlib import Path
-from typing import LiteralString, cast
+from typing import LiteralString
 
 from pgq.errors import ConfigError
 
@@ -64,7 +64,7 @@ def queries(schema: str = "pgq") -> dict[str, LiteralString]:
             if name in out:
                 raise RuntimeError(f"query {name!r} is defined twice (second in {path.name})")
             # We vouch for these: they come from our files; only the checked schema name changed.
-            out[name] = cast(LiteralString, with_schema(body, schema))
+            out[name] = with_schema(body, schema)  # type: ignore[assignment,unused-ignore]
     return out
 
 
@@ -74,4 +74,4 @@ def query(name: str, schema: str = "pgq") -> LiteralString:
 
 def script(relpath: str, schema: str = "pgq") -> LiteralString:
     """A whole SQL file (a migration or views), for one schema."""
-    return cast(LiteralString, with_schema((sql_dir() / relpath).read_text(), schema))
+    return with_schema((sql_dir() / relpath).read_text(), schema)  # type: ignore[return-value,unused-ignore]

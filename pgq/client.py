@@ -296,7 +296,9 @@ class Client:
         """Enqueue many tasks in one statement; all or nothing."""
         return self._run(_items(tasks, opts), conn)
 
-    def _run(self, items: list[tuple[Task, dict[str, Any]]], conn: psycopg.Connection[Any] | None) -> list[TaskInfo]:
+    def _run(
+        self, items: list[tuple[Task, dict[str, Any]]], conn: psycopg.Connection[Any] | None
+    ) -> list[TaskInfo]:
         if self._closed:
             raise RuntimeError("this Client is closed")
         params = build_params(items)
@@ -318,8 +320,10 @@ class Client:
         self, conn: psycopg.Connection[Any], items: list[tuple[Task, dict[str, Any]]], params: dict[str, Any]
     ) -> list[TaskInfo]:
         guard = any(t is not None for t in params["task_id"]) or len(items) > 1
-        idle_autocommit = conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        if not guard or idle_autocommit and len(items) == 1:
+        idle_autocommit = (
+            conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        )
+        if not guard or (idle_autocommit and len(items) == 1):
             return to_infos(self._execute(conn, params), items, params)
         if idle_autocommit:
             with conn.transaction():
@@ -450,8 +454,10 @@ class AsyncClient:
         params: dict[str, Any],
     ) -> list[TaskInfo]:
         guard = any(t is not None for t in params["task_id"]) or len(items) > 1
-        idle_autocommit = conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        if not guard or idle_autocommit and len(items) == 1:
+        idle_autocommit = (
+            conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        )
+        if not guard or (idle_autocommit and len(items) == 1):
             return to_infos(await self._execute(conn, params), items, params)
         if idle_autocommit:
             async with conn.transaction():
@@ -466,7 +472,9 @@ class AsyncClient:
         await conn.execute(_RELEASE_SAVEPOINT)
         return infos
 
-    async def _execute(self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _execute(
+        self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any]
+    ) -> list[dict[str, Any]]:
         try:
             cur = conn.cursor(row_factory=psycopg.rows.dict_row)
             await cur.execute(self._q, params)

@@ -64,5 +64,5 @@ class LeaseLost(PgqError):
     """A worker's lease on a task is gone: its outcome is no longer accepted."""
 
 
-class SkipRetry(Exception):  # noqa: N818 - the name is Asynq's
+class SkipRetry(Exception):
     """Raise from a handler to archive the task at once, without retries."""

@@ -92,5 +92,3 @@ def status(dsn: str | None = None, schema: str = "pgq") -> dict[str, list[int]]:
     with db.connect(db.resolve_dsn(dsn), "migrate") as conn:
         done = applied(conn, schema)
     return {"applied": done, "pending": [m.version for m in available() if m.version not in done]}
-
-

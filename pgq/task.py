@@ -68,9 +68,7 @@ def parse_duration(value: str | float | timedelta, name: str = "duration") -> fl
                 f"{name}: cannot read {value!r} as a duration (examples: 500ms, 10s, 2m, 1h)"
             )
         return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise InvalidArgumentError(
-        f"{name} must be a timedelta or seconds, not {type(value).__name__}"
-    )
+    raise InvalidArgumentError(f"{name} must be a timedelta or seconds, not {type(value).__name__}")
 
 
 def check_name(value: object, what: str, *, allow_digits: bool = True) -> str:
@@ -122,8 +120,7 @@ def _check_json_value(value: Any) -> None:
             stack.extend((item, depth + 1) for item in v)
         else:
             raise PayloadTypeError(
-                f"payload must be JSON (dict, list, str, int, float, bool, None); "
-                f"found {type(v).__name__}"
+                f"payload must be JSON (dict, list, str, int, float, bool, None); found {type(v).__name__}"
             )
 
 

@@ -17,7 +17,9 @@ from pgq.errors import PgqError
 
 DsnOption = Annotated[
     str | None,
-    typer.Option("--dsn", envvar="PGQ_DSN", help="PostgreSQL DSN (default: $PGQ_DSN, else the embedded server)."),
+    typer.Option(
+        "--dsn", envvar="PGQ_DSN", help="PostgreSQL DSN (default: $PGQ_DSN, else the embedded server)."
+    ),
 ]
 SchemaOption = Annotated[str, typer.Option("--schema", help="pgq's schema name.")]
 

@@ -15,7 +15,9 @@ def register(app: typer.Typer) -> None:
     def migrate_cmd(
         dsn: DsnOption = None,
         schema: SchemaOption = "pgq",
-        status: Annotated[bool, typer.Option("--status", help="Only show applied and pending versions.")] = False,
+        status: Annotated[
+            bool, typer.Option("--status", help="Only show applied and pending versions.")
+        ] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ) -> None:
         """Apply pending schema migrations (idempotent; safe to run concurrently)."""
