@@ -20,6 +20,7 @@ trailing NOTIFY covers the rest.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -36,10 +37,10 @@ from pgq.errors import (
     TaskIDConflictError,
 )
 from pgq.task import (
-    ENQUEUE_OPTIONS,
     Task,
     TaskInfo,
     check_name,
+    check_options,
     encode_headers,
     encode_payload,
     parse_duration,
@@ -84,10 +85,10 @@ def _aware(value: Any, name: str) -> datetime:
 def _row(task: Task, opts: dict[str, Any]) -> tuple[Any, ...]:
     if not isinstance(task, Task):
         raise InvalidArgumentError(f"enqueue takes a pgq.Task, not {type(task).__name__}")
-    unknown = set(opts) - ENQUEUE_OPTIONS
-    if unknown:
-        raise TypeError(f"unknown enqueue option(s) {sorted(unknown)}; known: {sorted(ENQUEUE_OPTIONS)}")
-    o = {**task.options, **{k: v for k, v in opts.items()}}
+    check_options(opts, "enqueue()")
+    # An option given as None is "not given": the task's own value or the default applies.
+    o = {k: v for k, v in task.options.items() if v is not None}
+    o.update((k, v) for k, v in opts.items() if v is not None)
     check_name(task.type, "task type")
     queue = check_name(o.get("queue", "default"), "queue")
     group = o.get("group")
@@ -156,7 +157,8 @@ def build_params(items: Sequence[tuple[Task, dict[str, Any]]]) -> dict[str, Any]
                 raise TaskIDConflictError(f"task_id {r[0]!r} appears twice in queue {r[1]!r}")
             seen_ids.add((r[1], r[0]))
         if r[10] is not None:
-            key = (r[1], r[2], r[3])
+            # the lock key is the jsonb text, whose key order is canonical: compare canonically too
+            key = (r[1], r[2], json.dumps(json.loads(r[3]), sort_keys=True))
             if key in seen_unique:
                 raise DuplicateTaskError(
                     f"two unique tasks of type {r[2]!r} with the same payload in queue {r[1]!r}"

@@ -6,6 +6,7 @@ specific error and never aborts the caller's transaction.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -69,6 +70,25 @@ def parse_duration(value: str | float | timedelta, name: str = "duration") -> fl
             )
         return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     raise InvalidArgumentError(f"{name} must be a timedelta or seconds, not {type(value).__name__}")
+
+
+class UnknownOptionError(InvalidArgumentError, TypeError):
+    """An option name that enqueue() and Task() do not know (a TypeError, like any bad keyword)."""
+
+
+def check_options(options: Mapping[str, Any], where: str) -> None:
+    """Raise UnknownOptionError naming each unknown option, with a close match when there is one."""
+    unknown = sorted(set(options) - ENQUEUE_OPTIONS)
+    if not unknown:
+        return
+    hints = []
+    for name in unknown:
+        if name == "conn":
+            hints.append("'conn' is an argument of enqueue(), not a task option")
+            continue
+        close = difflib.get_close_matches(name, sorted(ENQUEUE_OPTIONS), n=1)
+        hints.append(f"unknown option {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise UnknownOptionError(f"{where}: " + "; ".join(hints) + f". Known options: {sorted(ENQUEUE_OPTIONS)}")
 
 
 def check_name(value: object, what: str, *, allow_digits: bool = True) -> str:
@@ -188,10 +208,10 @@ class Task:
         headers: Mapping[str, str] | None = None,
         **options: Any,
     ) -> None:
-        unknown = set(options) - ENQUEUE_OPTIONS
-        if unknown:
-            raise TypeError(
-                f"Task() got unknown option(s) {sorted(unknown)}; known: {sorted(ENQUEUE_OPTIONS)}"
+        check_options(options, "Task()")
+        if headers is not None and not isinstance(headers, Mapping):
+            raise InvalidArgumentError(
+                f"headers must be a mapping of str to str, not {headers.__class__.__name__}"
             )
         self.type = type
         self.payload = payload
