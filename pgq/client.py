@@ -24,7 +24,7 @@ import json
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -193,14 +193,26 @@ def to_infos(
                 next_process_at=r["run_at"],
                 enqueued_at=r["enqueued_at"],
                 headers=dict(task.headers),
+                timeout=_td(params["timeout"][i]),
+                deadline=params["deadline"][i],
+                retention=_td(params["retention"][i]),
             )
         )
     return out
 
 
-def _map_error(exc: psycopg.errors.UniqueViolation) -> Exception:
+def _td(seconds: float | None) -> timedelta | None:
+    return None if seconds is None else timedelta(seconds=seconds)
+
+
+def _map_error(exc: psycopg.errors.UniqueViolation, params: dict[str, Any]) -> Exception:
     if exc.diag.constraint_name and "task_id" in exc.diag.constraint_name:
-        return TaskIDConflictError("a task with this task_id already exists in the queue")
+        given = [(t, q) for t, q in zip(params["task_id"], params["queue"], strict=True) if t is not None]
+        if len(given) == 1:
+            tid, queue = given[0]
+            return TaskIDConflictError(f"a task with task_id {tid!r} already exists in queue {queue!r}")
+        ids = [t for t, _ in given]
+        return TaskIDConflictError(f"one of the task_ids {ids!r} already exists in its queue")
     return exc
 
 
@@ -288,26 +300,36 @@ class Client:
         self._timer_lock = threading.Lock()
         self._closed = False
 
-    def enqueue(self, task: Task, *, conn: psycopg.Connection[Any] | None = None, **opts: Any) -> TaskInfo:
-        """Enqueue one task; see DESIGN.md for the options."""
-        return self._run(_items([task], opts), conn)[0]
+    def enqueue(
+        self, task: Task, *, conn: psycopg.Connection[Any] | None = None, notify: bool = True, **opts: Any
+    ) -> TaskInfo:
+        """Enqueue one task; see DESIGN.md for the options. notify=False sends no wake-up."""
+        return self._run(_items([task], opts), conn, notify)[0]
 
     def enqueue_many(
-        self, tasks: Iterable[Task], *, conn: psycopg.Connection[Any] | None = None, **opts: Any
+        self,
+        tasks: Iterable[Task],
+        *,
+        conn: psycopg.Connection[Any] | None = None,
+        notify: bool = True,
+        **opts: Any,
     ) -> list[TaskInfo]:
         """Enqueue many tasks in one statement; all or nothing."""
-        return self._run(_items(tasks, opts), conn)
+        return self._run(_items(tasks, opts), conn, notify)
 
     def _run(
-        self, items: list[tuple[Task, dict[str, Any]]], conn: psycopg.Connection[Any] | None
+        self, items: list[tuple[Task, dict[str, Any]]], conn: psycopg.Connection[Any] | None, notify: bool
     ) -> list[TaskInfo]:
         if self._closed:
             raise RuntimeError("this Client is closed")
         params = build_params(items)
         if conn is not None:
-            params["notify"] = sorted(set(params["queue"]))
+            params["notify"] = sorted(set(params["queue"])) if notify else []
             return self._run_on(conn, items, params)
-        params["notify"], delay = self._debounce.choose(params["queue"])
+        if notify:
+            params["notify"], delay = self._debounce.choose(params["queue"])
+        else:
+            params["notify"], delay = [], None
         with self._pool.connection() as c:
             if len(items) == 1:
                 rows = self._execute(c, params)
@@ -345,7 +367,7 @@ class Client:
             cur = conn.cursor(row_factory=psycopg.rows.dict_row)
             return cur.execute(self._q, params).fetchall()
         except psycopg.errors.UniqueViolation as exc:
-            raise _map_error(exc) from None
+            raise _map_error(exc, params) from None
 
     def _arm(self, delay: float) -> None:
         with self._timer_lock:
@@ -419,25 +441,41 @@ class AsyncClient:
         return self._pool
 
     async def enqueue(
-        self, task: Task, *, conn: psycopg.AsyncConnection[Any] | None = None, **opts: Any
+        self,
+        task: Task,
+        *,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+        notify: bool = True,
+        **opts: Any,
     ) -> TaskInfo:
-        return (await self._run(_items([task], opts), conn))[0]
+        return (await self._run(_items([task], opts), conn, notify))[0]
 
     async def enqueue_many(
-        self, tasks: Iterable[Task], *, conn: psycopg.AsyncConnection[Any] | None = None, **opts: Any
+        self,
+        tasks: Iterable[Task],
+        *,
+        conn: psycopg.AsyncConnection[Any] | None = None,
+        notify: bool = True,
+        **opts: Any,
     ) -> list[TaskInfo]:
-        return await self._run(_items(tasks, opts), conn)
+        return await self._run(_items(tasks, opts), conn, notify)
 
     async def _run(
-        self, items: list[tuple[Task, dict[str, Any]]], conn: psycopg.AsyncConnection[Any] | None
+        self,
+        items: list[tuple[Task, dict[str, Any]]],
+        conn: psycopg.AsyncConnection[Any] | None,
+        notify: bool,
     ) -> list[TaskInfo]:
         if self._closed:
             raise RuntimeError("this AsyncClient is closed")
         params = build_params(items)
         if conn is not None:
-            params["notify"] = sorted(set(params["queue"]))
+            params["notify"] = sorted(set(params["queue"])) if notify else []
             return await self._run_on(conn, items, params)
-        params["notify"], delay = self._debounce.choose(params["queue"])
+        if notify:
+            params["notify"], delay = self._debounce.choose(params["queue"])
+        else:
+            params["notify"], delay = [], None
         pool = await self._get_pool()
         async with pool.connection() as c:
             if len(items) == 1:
@@ -482,7 +520,7 @@ class AsyncClient:
             await cur.execute(self._q, params)
             return await cur.fetchall()
         except psycopg.errors.UniqueViolation as exc:
-            raise _map_error(exc) from None
+            raise _map_error(exc, params) from None
 
     async def _trailing(self, delay: float | None) -> None:
         try:
