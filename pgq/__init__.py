@@ -21,6 +21,7 @@ from pgq.errors import (
     TaskNotFoundError,
     TaskStateError,
 )
+from pgq.inspector import DailyStats, GroupInfo, Inspector, QueueInfo, ServerInfo, WorkerInfo
 from pgq.task import STATES, Task, TaskInfo
 
 __all__ = [
@@ -28,8 +29,11 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ConfigError",
+    "DailyStats",
     "DuplicateTaskError",
     "EnqueueError",
+    "GroupInfo",
+    "Inspector",
     "InvalidArgumentError",
     "InvalidName",
     "InvalidPayloadError",
@@ -37,12 +41,15 @@ __all__ = [
     "PayloadTooLargeError",
     "PayloadTypeError",
     "PgqError",
+    "QueueInfo",
     "QueueNotEmptyError",
     "QueueNotFoundError",
+    "ServerInfo",
     "SkipRetry",
     "Task",
     "TaskIDConflictError",
     "TaskInfo",
     "TaskNotFoundError",
     "TaskStateError",
+    "WorkerInfo",
 ]
