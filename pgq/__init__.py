@@ -22,6 +22,7 @@ from pgq.errors import (
     TaskStateError,
 )
 from pgq.inspector import DailyStats, GroupInfo, Inspector, QueueInfo, ServerInfo, WorkerInfo
+from pgq.scheduler import Scheduler
 from pgq.task import STATES, Task, TaskInfo
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "QueueInfo",
     "QueueNotEmptyError",
     "QueueNotFoundError",
+    "Scheduler",
     "ServerInfo",
     "SkipRetry",
     "Task",

@@ -109,6 +109,34 @@ CREATE TABLE pgq.task_group (
 CREATE INDEX task_group_newest_idx ON pgq.task_group (queue, newest_at);
 CREATE INDEX task_group_oldest_idx ON pgq.task_group (queue, oldest_at);
 CREATE INDEX task_group_size_idx ON pgq.task_group (queue, size);
+CREATE INDEX task_group_retry_idx ON pgq.task_group (queue, retry_at) WHERE retry_at IS NOT NULL;
+
+-- Periodic tasks (see pgq/scheduler.py for the design). Every scheduler that runs
+-- an entry upserts its row and refreshes seen_at; `pgq cron ls` reads it.
+CREATE TABLE pgq.cron_entry (
+    id          text PRIMARY KEY,       -- derived from spec, location, type, payload, options; or named
+    spec        text NOT NULL,          -- '*/5 * * * *', '@every 30s', '@daily', ...
+    location    text NOT NULL,          -- IANA time zone of the spec's fields
+    type        text NOT NULL,
+    payload     jsonb NOT NULL,
+    headers     jsonb,
+    options     jsonb NOT NULL DEFAULT '{}',  -- enqueue options (durations in seconds)
+    missed      text NOT NULL DEFAULT 'skip', -- after downtime: 'skip' or 'latest'
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    seen_at     timestamptz NOT NULL DEFAULT now()   -- last refreshed by a running scheduler
+);
+
+-- One row per enqueued tick. Its key is the exactly-once guarantee: a tick is
+-- enqueued in the transaction that inserts its row, so two schedulers can never
+-- both enqueue one tick. Pruned to the newest ticks of each entry.
+CREATE TABLE pgq.cron_tick (
+    entry_id    text NOT NULL,
+    tick_at     timestamptz NOT NULL,   -- the scheduled instant
+    enqueued_at timestamptz NOT NULL DEFAULT now(),
+    task_id     text,                   -- the task's public id; NULL when a unique= lock skipped it
+    queue       text NOT NULL,
+    PRIMARY KEY (entry_id, tick_at)
+);
 
 -- Servers write a heartbeat row; the inspector lists them with their active tasks.
 CREATE TABLE pgq.server (
