@@ -320,3 +320,26 @@ def test_three_schedulers_real_time(
     recorded = ticks(conn)
     assert 3 <= len(recorded) <= 4
     assert len(tasks(conn)) == len(recorded) == len({r["tick_at"] for r in recorded})
+
+
+def test_cli_cron_ls_and_history(dsn: str, schedulers: list[Scheduler]) -> None:
+    from typer.testing import CliRunner
+
+    from pgq.cli import app
+
+    s = make(schedulers, dsn)
+    eid = s.register("*/10 * * * *", pgq.Task("report"), queue="reports")
+    s.run_once(T0)
+    s.run_once(T0 + timedelta(minutes=10))
+    runner = CliRunner()
+    out = runner.invoke(app, ["cron", "ls", "--dsn", dsn])
+    assert out.exit_code == 0, out.output
+    assert eid in out.output and "*/10 * * * *" in out.output and "reports" in out.output
+    assert "2030-01-01 00:10:00+00:00" in out.output  # previous run
+    out = runner.invoke(app, ["cron", "history", eid, "--dsn", dsn, "--json"])
+    assert out.exit_code == 0, out.output
+    assert '"tick_at": "2030-01-01 00:10:00+00:00"' in out.output and '"state": "pending"' in out.output
+    out = runner.invoke(app, ["cron", "history", eid, "--dsn", dsn])
+    assert out.exit_code == 0 and out.output.count("2030-01-01") >= 2
+    out = runner.invoke(app, ["cron", "history", "missing", "--dsn", dsn])
+    assert out.exit_code == 1 and "missing" in out.output
