@@ -1,0 +1,132 @@
+"""State transitions of claimed tasks: thin Python over sql/queries/worker.sql.
+
+Every function takes an open psycopg async cursor (the worker keeps one per
+dedicated connection, with tuple rows) and binds parameters only. What the
+database is authoritative for: who owns a task (state = 'active' and its
+attempt number), and when anything is due (its clock). A write whose fence does
+not match changes nothing; callers learn which ids were applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, LiteralString, NamedTuple
+
+from psycopg import AsyncCursor
+
+from pgq import _sql
+
+#: Outcome kinds of task_ack_many.
+DONE, RETRY, ARCHIVE, REQUEUE, RESULT = "done", "retry", "archive", "requeue", "result"
+
+
+class Ack(NamedTuple):
+    """One outcome to write: see task_ack_many in sql/queries/worker.sql."""
+
+    id: int
+    attempt: int
+    kind: str
+    delay: float | None = None
+    error: str | None = None
+    result: str | None = None  # JSON text
+    failed: bool = False
+
+
+@dataclass(frozen=True)
+class Queries:
+    """The named queries of one schema."""
+
+    claim: LiteralString
+    next_due: LiteralString
+    ack: LiteralString
+    extend: LiteralString
+    heartbeat: LiteralString
+    server_delete: LiteralString
+
+    @classmethod
+    def load(cls, schema: str) -> Queries:
+        q = _sql.query
+        return cls(
+            claim=q("task_claim_many", schema),
+            next_due=q("task_next_due", schema),
+            ack=q("task_ack_many", schema),
+            extend=q("task_extend_leases", schema),
+            heartbeat=q("server_heartbeat", schema),
+            server_delete=q("server_delete", schema),
+        )
+
+
+async def claim_many(
+    cur: AsyncCursor[Any],
+    q: Queries,
+    *,
+    queues: Sequence[str],
+    limit: int,
+    worker_id: str,
+    lease: float,
+    now: datetime | None = None,
+) -> list[Any]:
+    """Claim up to `limit` due tasks from `queues` (in that order); rows as task_claim_many returns."""
+    await cur.execute(
+        q.claim,
+        {"queues": list(queues), "limit": limit, "worker_id": worker_id, "lease": lease, "now": now},
+        prepare=True,
+    )
+    return await cur.fetchall()
+
+
+async def next_due(
+    cur: AsyncCursor[Any], q: Queries, *, queues: Sequence[str], now: datetime | None = None
+) -> float | None:
+    """Seconds until the earliest waiting task of `queues` is due, None when there is none."""
+    await cur.execute(q.next_due, {"queues": list(queues), "now": now}, prepare=True)
+    row = await cur.fetchone()
+    return None if row is None else _first(row)
+
+
+async def ack_many(
+    cur: AsyncCursor[Any], q: Queries, acks: Sequence[Ack], *, now: datetime | None = None
+) -> set[int]:
+    """Apply a batch of outcomes in one statement; the ids whose fence held."""
+    if not acks:
+        return set()
+    cols = list(zip(*acks, strict=True))
+    await cur.execute(
+        q.ack,
+        {
+            "id": list(cols[0]),
+            "attempt": list(cols[1]),
+            "kind": list(cols[2]),
+            "delay": list(cols[3]),
+            "error": list(cols[4]),
+            "result": list(cols[5]),
+            "failed": list(cols[6]),
+            "now": now,
+        },
+        prepare=True,
+    )
+    return {_first(r) for r in await cur.fetchall()}
+
+
+async def extend_leases(
+    cur: AsyncCursor[Any],
+    q: Queries,
+    owned: Sequence[tuple[int, int]],
+    *,
+    lease: float,
+    now: datetime | None = None,
+) -> set[int]:
+    """Extend the leases of (id, attempt) pairs; the ids still owned."""
+    if not owned:
+        return set()
+    await cur.execute(
+        q.extend,
+        {"id": [o[0] for o in owned], "attempt": [o[1] for o in owned], "lease": lease, "now": now},
+    )
+    return {_first(r) for r in await cur.fetchall()}
+
+
+def _first(row: Any) -> Any:
+    return row[0] if isinstance(row, tuple) else next(iter(row.values()))
