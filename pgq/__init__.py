@@ -22,7 +22,9 @@ from pgq.errors import (
     TaskStateError,
 )
 from pgq.inspector import DailyStats, GroupInfo, Inspector, QueueInfo, ServerInfo, WorkerInfo
+from pgq.mux import ServeMux
 from pgq.scheduler import Scheduler
+from pgq.server import Server
 from pgq.task import STATES, Task, TaskInfo
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "QueueNotEmptyError",
     "QueueNotFoundError",
     "Scheduler",
+    "ServeMux",
+    "Server",
     "ServerInfo",
     "SkipRetry",
     "Task",
