@@ -1,0 +1,795 @@
+"""The aggregator: due groups become one aggregated task each, exactly once.
+
+Data model (sql/schema.sql)
+---------------------------
+A member is a pgq.task row in state 'aggregating' with a group_key. Every
+grouped enqueue also appends a row to pgq.group_arrival in its own
+transaction (no row shared between enqueuers, so enqueues never wait on each
+other: G12). The aggregator folds arrivals into pgq.task_group, one summary
+row per group (size as an upper bound, oldest/newest enqueue times, back-off
+and last error). The summary only steers *which* groups to look at; the
+database rows of the members are authoritative for *what* gets aggregated.
+
+One round (`run_once`)
+----------------------
+1. Fold: DELETE arrivals ... RETURNING, summed per group and upserted
+   additively (size += n, oldest = least, newest = greatest). Commutative, so
+   concurrent folders are safe; SKIP LOCKED splits arrivals between them.
+2. Due check on task_group only, one index range scan per rule (newest_at <=
+   now - grace, oldest_at <= now - max_delay, size >= max_size), skipping
+   groups backing off (retry_at > now). Its cost follows the due groups, not
+   the members or groups waiting (G13).
+3. One transaction for a batch of due groups:
+   a. lock their summary rows FOR UPDATE SKIP LOCKED: that row lock is the
+      per-group mutex between aggregators (a group held by another is left to
+      it), and folds of those rows wait until we commit;
+   b. lock up to `cap` members per group FOR UPDATE SKIP LOCKED, in enqueue
+      order (enqueued_at, id);
+   c. re-check the rules on those real rows: with max_size S, the k*S oldest
+      become k aggregated tasks of exactly S (G3); the rest becomes one more
+      task when its own newest member is older than the grace period or its
+      oldest older than the max delay;
+   d. call the user's aggregator for each chunk while the transaction is open
+      (sync ones in one worker thread per batch, each call under
+      `aggregate_timeout`; async ones on the loop under the same timeout) and
+      check it returned a pgq.Task;
+   e. insert the aggregated tasks in the group's queue (G6) with their member
+      ids (lineage, G8); tasks with task_id= or unique= each under a savepoint,
+      so a conflict fails only that group;
+   f. delete the members and release their unique= locks: we hold their row
+      locks, so every one must still be there (else the batch rolls back);
+   g. recompute each locked group's summary from its remaining members in a
+      fresh statement (it sees every member whose arrival was folded, so the
+      summary never undercounts), or delete it when none remain; record
+      aggregator errors there (errors + 1, last_error, retry_at = now +
+      back-off);
+   h. commit. Failpoints: aggregate.after_select, after_insert, after_delete,
+      before_commit, after_commit.
+4. Compute when the next group becomes due (index endpoint lookups).
+
+Exactly once (G7). Members are only ever removed by the transaction that
+inserts their aggregated task, under their row locks, with a count check. A
+crash, a killed connection or a failed statement rolls the whole batch back:
+members stay 'aggregating' and are eligible again at once (no reclaim
+timeout). Two aggregators can never take the same member (row locks), nor
+split a group between them (summary row lock). Never an empty aggregate (a
+chunk has at least one member), never above max_size (chunks are cut at S).
+
+A failing aggregator (raises, returns a non-Task, times out, or its task is
+refused: bad options, task_id conflict, unique lock held) fails its group
+only: that group's chunk and the later chunks of the same group are left
+untouched in the batch (the same effect as rolling back its part), the error
+is logged with queue and group and kept on the summary row for the inspector,
+and the group backs off (1 s, 2 s, 4 s ... at most `backoff_max`). Other
+groups of the batch commit. If the batch itself fails in the database, each
+of its groups is retried alone, and a group that fails alone gets its error
+recorded in a short transaction of its own (group_record_error). A timed-out
+sync aggregator keeps running in its thread (Python cannot stop it); its
+result is ignored and the next batch uses a fresh thread.
+
+Leadership (G11). Per queue, a session advisory lock (two int4 keys hashed
+from the schema and queue name) taken on a dedicated connection named
+`pgq:leader:<pid>`; only the holder aggregates that queue, the others retry
+every `elect_interval`. When the holder's session dies, PostgreSQL frees the
+lock and another server takes over within one elect interval. Leadership
+only saves duplicated work: correctness rests on the row locks above, so a
+dead leader that still acts (it learns of its lost session only at its next
+query) cannot duplicate or lose a member. leadership=False runs every queue
+without it (tests, split-brain drills).
+
+Promptness (G4). No fixed tick: after each round the loop sleeps until the
+next due moment computed by the database (sub-second grace periods work), or
+until `wake(queue)` (the Server forwards every enqueue NOTIFY), so a size
+trigger fires when the completing member commits. A floor poll every
+`poll_interval` covers lost notifications.
+
+When work can repeat. The user's aggregator may be called more than once for
+the same members: after a rollback (crash, connection loss, a failure of the
+batch in the database, shutdown mid-transaction) or a timeout. Its result is
+used only once. Aggregators should be pure functions of their input.
+
+A paused queue still aggregates (G15): its aggregated tasks wait in
+'pending'. Members never reach 'completed' and never count in stats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg.rows import dict_row
+
+from pgq import _failpoints, _sql, db
+from pgq.client import build_params
+from pgq.config import ResolvedPolicy
+from pgq.errors import DuplicateTaskError, TaskIDConflictError
+from pgq.task import Task, task_id_of
+
+logger = logging.getLogger(__name__)
+
+_INSERT_COLUMNS = (
+    "task_id",
+    "queue",
+    "type",
+    "payload",
+    "headers",
+    "max_retry",
+    "timeout",
+    "deadline",
+    "retention",
+    "unique_ttl",
+    "process_at",
+    "process_in",
+)
+
+
+@dataclass
+class Aggregate:
+    """One aggregated task created by a round."""
+
+    queue: str
+    group: str
+    task_id: str
+    members: list[str]
+
+
+@dataclass
+class AggregationResult:
+    """What one round did (returned by run_once, logged, asserted on in tests)."""
+
+    arrivals: int = 0  # arrival rows folded into the summary
+    due: int = 0  # groups found due by their summary
+    groups: int = 0  # groups that produced at least one aggregated task
+    tasks: int = 0  # aggregated tasks inserted
+    members: int = 0  # members aggregated
+    failed: int = 0  # groups whose aggregation failed (aggregator or task refused)
+    contended: int = 0  # due groups held by another aggregator this round
+    more: bool = False  # a limit was reached: run again at once
+    next_due: float | None = None  # seconds until a group is due by its summary; None: none waits
+    created: list[Aggregate] = field(default_factory=list)
+    errors: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Group:
+    queue: str
+    group: str
+    errors: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    capped: bool = False
+    taken: list[int] = field(default_factory=list)
+    error: str | None = None
+    tasks: int = 0
+
+
+@dataclass(eq=False)
+class _Chunk:
+    group: _Group
+    rows: list[dict[str, Any]]
+    func: Any
+    tasks: list[Task]
+    result: Any = None  # a Task, an exception, or _NOT_RUN
+    params: dict[str, Any] | None = None
+
+
+_NOT_RUN = object()
+
+
+class AggregatorTimeout(TimeoutError):
+    """The group aggregator did not return within aggregate_timeout."""
+
+
+def _is_async(func: Any) -> bool:
+    call = type(func).__call__ if not inspect.isroutine(func) else None
+    return inspect.iscoroutinefunction(func) or (call is not None and inspect.iscoroutinefunction(call))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Aggregator:
+    """Turns due groups into aggregated tasks. See the module docstring."""
+
+    def __init__(
+        self,
+        dsn: str,
+        pool: psycopg_pool.AsyncConnectionPool[Any],
+        policies: Mapping[str, ResolvedPolicy],
+        *,
+        schema: str = "pgq",
+        worker_id: str,
+        batch_size: int = 500,
+        chunk_limit: int = 10_000,
+        aggregate_timeout: float = 30.0,
+        poll_interval: float = 5.0,
+        elect_interval: float = 1.0,
+        leadership: bool = True,
+        backoff_base: float = 1.0,
+        backoff_max: float = 300.0,
+        fold_limit: int = 10_000,
+    ) -> None:
+        if batch_size < 1 or chunk_limit < 1 or fold_limit < 1:
+            raise ValueError("batch_size, chunk_limit and fold_limit must be >= 1")
+        if aggregate_timeout <= 0 or poll_interval <= 0 or elect_interval <= 0:
+            raise ValueError("aggregate_timeout, poll_interval and elect_interval must be positive")
+        self._dsn = dsn
+        self._pool = pool
+        self._policies = dict(policies)
+        self._schema = _sql.check_schema(schema)
+        self.worker_id = worker_id
+        self.batch_size = batch_size
+        self.chunk_limit = chunk_limit
+        self.aggregate_timeout = aggregate_timeout
+        self.poll_interval = poll_interval
+        self.elect_interval = elect_interval
+        self.leadership = leadership
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.fold_limit = fold_limit
+        q = _sql.queries(schema)
+        self._q_fold = q["group_fold_arrivals"]
+        self._q_due = q["group_due"]
+        self._q_next = q["group_next_due"]
+        self._q_lock = q["group_lock_members"]
+        self._q_insert = q["group_insert_aggregates"]
+        self._q_delete = q["group_delete_members"]
+        self._q_refresh = q["group_refresh"]
+        self._q_record = q["group_record_error"]
+        self._q_elect = q["group_leader_elect"]
+        self._leader_ns = f"{schema}:aggregate:"
+        self._count_cap = max([1000] + [2 * p.max_size for p in self._policies.values() if p.max_size])
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._leader_conn: psycopg.AsyncConnection[Any] | None = None
+        self._held: set[str] = set()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def queues(self) -> list[str]:
+        return sorted(self._policies)
+
+    @property
+    def leading(self) -> frozenset[str]:
+        """Queues this aggregator currently leads (all of them without leadership)."""
+        return frozenset(self._policies) if not self.leadership else frozenset(self._held)
+
+    def wake(self, queue: str) -> None:
+        """A member may have arrived in `queue`: run a round soon. Never blocks; any thread."""
+        if queue not in self._policies:
+            return
+        loop, event = self._loop, self._event
+        if loop is None or event is None:
+            return
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            event.set()
+        else:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the loop is closed: nothing to wake
+                pass
+
+    async def run_once(
+        self, now: datetime | None = None, *, queues: Iterable[str] | None = None
+    ) -> AggregationResult:
+        """One round over `queues` (default: every queue with a policy), leadership aside."""
+        names = sorted(self._policies if queues is None else {q for q in queues if q in self._policies})
+        res = AggregationResult()
+        if not names:
+            return res
+        policies = [self._policies[q] for q in names]
+        arrays = {
+            "queue": names,
+            "grace": [p.grace_period for p in policies],
+            "max_delay": [p.max_delay for p in policies],
+            "max_size": [p.max_size for p in policies],
+            "now": now,
+        }
+        async with self._pool.connection() as conn:
+            res.arrivals = await self._fold(conn)
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(self._q_due, {**arrays, "limit": self.batch_size})
+            due = await cur.fetchall()
+            res.due = len(due)
+            if due:
+                await self._aggregate_batch(conn, due, now, res)
+            if len(due) >= self.batch_size:
+                res.more = True
+            if not res.more:
+                await cur.execute(self._q_next, arrays)
+                row = await cur.fetchone()
+                res.next_due = row["wait"] if row else None
+        return res
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Aggregate until `stop` is set: rounds at each due moment and wake-up."""
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        elector = asyncio.create_task(self._elect_loop(stop)) if self.leadership else None
+        failures = 0
+        idle = 0.0
+        logger.info(
+            "aggregator: started for queues %s (leadership %s)",
+            self.queues,
+            "on" if self.leadership else "off",
+            extra={"action": "aggregator_started", "worker_id": self.worker_id},
+        )
+        try:
+            while not stop.is_set():
+                self._event.clear()
+                queues = sorted(self.leading)
+                delay: float | None = self.poll_interval
+                if queues:
+                    try:
+                        res = await self.run_once(queues=queues)
+                    except Exception as exc:
+                        failures += 1
+                        delay = min(30.0, 0.25 * 2**failures)
+                        logger.warning(
+                            "aggregator: round failed (%s); retrying in %.2f s",
+                            _describe(exc),
+                            delay,
+                            extra={"action": "aggregator_round_failed"},
+                        )
+                    else:
+                        failures = 0
+                        if res.more:
+                            continue
+                        progress = res.tasks or res.failed
+                        if res.next_due is not None and res.next_due <= 0 and not progress:
+                            # Due groups we could not take (held by another aggregator,
+                            # members locked): do not spin, look again soon.
+                            idle = min(1.0, idle * 2 or 0.02)
+                            delay = idle
+                        else:
+                            idle = 0.0
+                            if res.next_due is not None:
+                                delay = min(self.poll_interval, max(0.0, res.next_due) + 0.001)
+                if delay and delay > 0:
+                    await self._sleep(stop, delay)
+        finally:
+            if elector is not None:
+                elector.cancel()
+                await asyncio.gather(elector, return_exceptions=True)
+            await self._resign()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+                self._executor = None
+            logger.info("aggregator: stopped", extra={"action": "aggregator_stopped"})
+
+    # ------------------------------------------------------------------ rounds
+
+    async def _fold(self, conn: psycopg.AsyncConnection[Any]) -> int:
+        total = 0
+        cur = conn.cursor(row_factory=dict_row)
+        for _ in range(100):
+            await cur.execute(self._q_fold, {"limit": self.fold_limit})
+            row = await cur.fetchone()
+            n = row["arrivals"] if row else 0
+            total += n
+            if n < self.fold_limit:
+                break
+        return total
+
+    def _cap(self, policy: ResolvedPolicy) -> int | None:
+        s = policy.max_size
+        return s * max(1, self.chunk_limit // s) if s else None
+
+    async def _aggregate_batch(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        due: Sequence[dict[str, Any]],
+        now: datetime | None,
+        res: AggregationResult,
+    ) -> None:
+        try:
+            await self._aggregate(conn, due, now, res)
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            if conn.closed or conn.broken:
+                raise
+            if len(due) == 1:
+                d = due[0]
+                text = _describe(exc)
+                logger.error(
+                    "aggregator: aggregating group %r of queue %r failed in the database: %s",
+                    d["group_key"],
+                    d["queue"],
+                    text,
+                    extra={"action": "group_aggregate_failed", "queue": d["queue"], "group": d["group_key"]},
+                )
+                await self._record_error(conn, d["queue"], d["group_key"], text, now)
+                res.failed += 1
+                res.errors[(d["queue"], d["group_key"])] = text
+                return
+            logger.warning(
+                "aggregator: a batch of %d groups failed in the database (%s); retrying them one by one",
+                len(due),
+                _describe(exc),
+                extra={"action": "group_batch_failed"},
+            )
+            for d in due:
+                await self._aggregate_batch(conn, [d], now, res)
+
+    async def _record_error(
+        self, conn: psycopg.AsyncConnection[Any], queue: str, group: str, error: str, now: datetime | None
+    ) -> None:
+        await conn.execute(
+            self._q_record,
+            {
+                "queue": queue,
+                "group_key": group,
+                "error": error,
+                "backoff_base": self.backoff_base,
+                "backoff_max": self.backoff_max,
+                "now": now,
+            },
+        )
+
+    def _backoff(self, errors_before: int) -> float:
+        return float(min(self.backoff_max, self.backoff_base * 2 ** min(errors_before, 30)))
+
+    async def _aggregate(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        due: Sequence[dict[str, Any]],
+        now: datetime | None,
+        res: AggregationResult,
+    ) -> None:
+        cand_q = [d["queue"] for d in due]
+        cand_g = [d["group_key"] for d in due]
+        cand_cap = [self._cap(self._policies[d["queue"]]) for d in due]
+        created: list[Aggregate] = []
+        async with conn.transaction():
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(
+                self._q_lock, {"queue": cand_q, "group_key": cand_g, "cap": cand_cap, "now": now}
+            )
+            rows = await cur.fetchall()
+            await _failpoints.hit_async("aggregate.after_select")
+            groups: dict[tuple[str, str], _Group] = {}
+            db_now: datetime | None = None
+            for r in rows:
+                key = (r["queue"], r["group_key"])
+                g = groups.get(key)
+                if g is None:
+                    g = groups[key] = _Group(r["queue"], r["group_key"], r["errors"])
+                if r["id"] is not None:
+                    g.rows.append(r)
+                db_now = r["now"]
+            res.contended += len(due) - len(groups)
+            if not groups:
+                return
+            assert db_now is not None
+            chunks: list[_Chunk] = []
+            for (q, _), g in groups.items():
+                pol = self._policies[q]
+                cap = self._cap(pol)
+                g.capped = cap is not None and len(g.rows) >= cap
+                if g.capped:
+                    res.more = True
+                for part in self._plan(g.rows, pol, db_now):
+                    tasks = [Task._from_row(m) for m in part]
+                    chunks.append(_Chunk(g, part, pol.aggregator, tasks))
+            if chunks:
+                await self._call_all(chunks)
+                created = await self._insert(conn, chunks, res)
+                await _failpoints.hit_async("aggregate.after_insert")
+            taken = [m for g in groups.values() for m in g.taken]
+            if taken:
+                await cur.execute(self._q_delete, {"ids": taken})
+                row = await cur.fetchone()
+                deleted = row["deleted"] if row else 0
+                if deleted != len(taken):
+                    raise RuntimeError(
+                        f"aggregator: expected to remove {len(taken)} members, removed {deleted}"
+                    )
+            await _failpoints.hit_async("aggregate.after_delete")
+            gl = list(groups.values())
+            await cur.execute(
+                self._q_refresh,
+                {
+                    "queue": [g.queue for g in gl],
+                    "group_key": [g.group for g in gl],
+                    "taken": [len(g.taken) for g in gl],
+                    "error": [g.error for g in gl],
+                    "hold": [self._backoff(g.errors) if g.error is not None else None for g in gl],
+                    "count_cap": self._count_cap,
+                    "now": now,
+                },
+            )
+            await _failpoints.hit_async("aggregate.before_commit")
+        await _failpoints.hit_async("aggregate.after_commit")
+        for g in groups.values():
+            if g.tasks:
+                res.groups += 1
+            if g.error is not None:
+                res.failed += 1
+                res.errors[(g.queue, g.group)] = g.error
+                logger.error(
+                    "aggregator: aggregating group %r of queue %r failed (failure %d, retry in %.0f s): %s",
+                    g.group,
+                    g.queue,
+                    g.errors + 1,
+                    self._backoff(g.errors),
+                    g.error,
+                    extra={"action": "group_aggregate_failed", "queue": g.queue, "group": g.group},
+                )
+        res.tasks += len(created)
+        res.members += sum(len(a.members) for a in created)
+        res.created.extend(created)
+        if logger.isEnabledFor(logging.INFO):
+            for a in created:
+                logger.info(
+                    "aggregator: Aggregating %d tasks from group %r of queue %r into task %s",
+                    len(a.members),
+                    a.group,
+                    a.queue,
+                    a.task_id,
+                    extra={"action": "group_aggregated", "queue": a.queue, "group": a.group},
+                )
+
+    @staticmethod
+    def _plan(
+        rows: list[dict[str, Any]], policy: ResolvedPolicy, now: datetime
+    ) -> list[list[dict[str, Any]]]:
+        """Chunks to aggregate from a group's locked members (in enqueue order), per G3."""
+        chunks: list[list[dict[str, Any]]] = []
+        rest = rows
+        s = policy.max_size
+        if s:
+            k = len(rows) // s
+            chunks = [rows[i * s : (i + 1) * s] for i in range(k)]
+            rest = rows[k * s :]
+        if rest:
+            newest = rest[-1]["enqueued_at"]
+            oldest = rest[0]["enqueued_at"]
+            if newest <= now - timedelta(seconds=policy.grace_period) or (
+                policy.max_delay is not None and oldest <= now - timedelta(seconds=policy.max_delay)
+            ):
+                chunks.append(rest)
+        return chunks
+
+    # ------------------------------------------------------------ user calls
+
+    async def _call_all(self, chunks: list[_Chunk]) -> None:
+        """Run the aggregator of every chunk, each under aggregate_timeout; fill chunk.result."""
+        sync = [c for c in chunks if not _is_async(c.func)]
+        for c in chunks:
+            c.result = _NOT_RUN
+        if sync:
+            await self._call_sync(sync)
+        for c in chunks:
+            if c in sync:
+                continue
+            try:
+                c.result = await asyncio.wait_for(c.func(c.group.group, c.tasks), self.aggregate_timeout)
+            except TimeoutError:
+                c.result = AggregatorTimeout(
+                    f"group_aggregator took longer than {self.aggregate_timeout:g} s"
+                )
+            except Exception as exc:
+                c.result = exc
+
+    async def _call_sync(self, chunks: list[_Chunk]) -> None:
+        results: list[Any] = [_NOT_RUN] * len(chunks)
+        state = (-1, time.monotonic())
+        cancelled = threading.Event()
+
+        def work() -> None:
+            nonlocal state
+            for i, c in enumerate(chunks):
+                if cancelled.is_set():
+                    return
+                state = (i, time.monotonic())
+                try:
+                    results[i] = c.func(c.group.group, c.tasks)
+                except BaseException as exc:
+                    results[i] = exc
+
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pgq-aggregate")
+        fut = asyncio.get_running_loop().run_in_executor(self._executor, work)
+        timed_out: int | None = None
+        try:
+            while True:
+                i, started = state
+                left = self.aggregate_timeout - (time.monotonic() - started)
+                if i >= 0 and left <= 0:
+                    timed_out = i
+                    break
+                done, _ = await asyncio.wait({fut}, timeout=max(left, 0.005))
+                if done:
+                    break
+        finally:
+            if not fut.done():
+                cancelled.set()
+                # The stuck call keeps its thread; later batches get a fresh one.
+                self._executor.shutdown(wait=False)
+                self._executor = None
+        snapshot = list(results)
+        if timed_out is not None:
+            snapshot[timed_out] = AggregatorTimeout(
+                f"group_aggregator took longer than {self.aggregate_timeout:g} s"
+            )
+            for j in range(timed_out + 1, len(chunks)):
+                snapshot[j] = _NOT_RUN
+        for c, r in zip(chunks, snapshot, strict=True):
+            if inspect.isawaitable(r):
+                if inspect.iscoroutine(r):
+                    r.close()
+                r = TypeError("group_aggregator returned an awaitable from a plain def; declare it async def")
+            c.result = r
+
+    # ---------------------------------------------------------------- insert
+
+    async def _insert(
+        self, conn: psycopg.AsyncConnection[Any], chunks: list[_Chunk], res: AggregationResult
+    ) -> list[Aggregate]:
+        """Validate each result, insert the aggregated tasks, mark members taken; per-group failure."""
+        bulk: list[_Chunk] = []
+        risky: list[_Chunk] = []
+        stopped: set[int] = set()  # ids of groups with a failed or unrun chunk
+        for c in chunks:
+            g = c.group
+            if id(g) in stopped:
+                continue
+            err: str | None = None
+            if c.result is _NOT_RUN:
+                stopped.add(id(g))
+                continue
+            if isinstance(c.result, BaseException):
+                err = _describe(c.result)
+            elif not isinstance(c.result, Task):
+                err = f"TypeError: group_aggregator must return a pgq.Task, not {type(c.result).__name__}"
+            else:
+                try:
+                    c.params = build_params([(c.result, {"queue": g.queue, "group": None})])
+                except Exception as exc:
+                    err = f"the aggregated task was refused: {_describe(exc)}"
+            if err is not None:
+                g.error = err
+                stopped.add(id(g))
+                continue
+            assert c.params is not None
+            c.params["members"] = [json.dumps([task_id_of(m) for m in c.rows])]
+            if c.params["task_id"][0] is not None or c.params["unique_ttl"][0] is not None:
+                # A conflict must fail this group only: insert it under a savepoint now.
+                if not await self._insert_one(conn, c):
+                    stopped.add(id(g))
+                    continue
+                risky.append(c)
+            else:
+                bulk.append(c)
+        if bulk:
+            params: dict[str, Any] = {k: [c.params[k][0] for c in bulk if c.params] for k in _INSERT_COLUMNS}
+            params["members"] = [c.params["members"][0] for c in bulk if c.params]
+            params["notify"] = sorted({c.group.queue for c in bulk})
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(self._q_insert, params)
+            rows = await cur.fetchall()
+            if len(rows) != len(bulk):
+                raise RuntimeError(f"aggregator: inserted {len(rows)} of {len(bulk)} aggregated tasks")
+            for c, r in zip(bulk, rows, strict=True):
+                c.result = task_id_of(r)
+        created: list[Aggregate] = []
+        for c in chunks:
+            if c in bulk or c in risky:
+                c.group.taken.extend(m["id"] for m in c.rows)
+                c.group.tasks += 1
+                created.append(
+                    Aggregate(c.group.queue, c.group.group, str(c.result), [task_id_of(m) for m in c.rows])
+                )
+        return created
+
+    async def _insert_one(self, conn: psycopg.AsyncConnection[Any], c: _Chunk) -> bool:
+        assert c.params is not None
+        params = dict(c.params)
+        params["notify"] = [c.group.queue]
+        cur = conn.cursor(row_factory=dict_row)
+        try:
+            async with conn.transaction():
+                await cur.execute(self._q_insert, params)
+                rows = await cur.fetchall()
+        except psycopg.errors.UniqueViolation:
+            c.group.error = _describe(
+                TaskIDConflictError(
+                    f"the aggregated task's task_id {params['task_id'][0]!r} already exists in queue "
+                    f"{c.group.queue!r}"
+                )
+            )
+            return False
+        if not rows:
+            c.group.error = _describe(
+                DuplicateTaskError(
+                    "the aggregated task is unique= and a task with the same type and payload holds the lock"
+                )
+            )
+            return False
+        c.result = task_id_of(rows[0])
+        return True
+
+    # ---------------------------------------------------------------- waiting
+
+    async def _sleep(self, stop: asyncio.Event, delay: float) -> None:
+        assert self._event is not None
+        waiters = [asyncio.ensure_future(self._event.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    # ------------------------------------------------------------- leadership
+
+    async def _elect_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self._elect_once()
+            except (psycopg.Error, OSError) as exc:
+                if self._held:
+                    logger.warning(
+                        "aggregator: lost the leader connection (%s); no longer leading %s",
+                        _describe(exc),
+                        sorted(self._held),
+                        extra={"action": "leader_lost"},
+                    )
+                self._held.clear()
+                await self._close_leader()
+            try:
+                await asyncio.wait_for(stop.wait(), self.elect_interval)
+            except TimeoutError:
+                pass
+
+    async def _elect_once(self) -> None:
+        conn = self._leader_conn
+        if conn is None or conn.closed or conn.broken:
+            self._held.clear()
+            conn = self._leader_conn = await db.connect_async(self._dsn, "leader")
+        want = [q for q in self.queues if q not in self._held]
+        if not want:
+            await conn.execute("SELECT 1")  # keepalive: notice a dead session
+            return
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(self._q_elect, {"queues": want, "ns": self._leader_ns})
+        won = {r["queue"] for r in await cur.fetchall()}
+        if won:
+            self._held |= won
+            logger.info(
+                "aggregator: now leading the aggregation of %s",
+                sorted(won),
+                extra={"action": "leader_elected", "worker_id": self.worker_id},
+            )
+            if self._event is not None:
+                self._event.set()
+
+    async def _resign(self) -> None:
+        self._held.clear()
+        await self._close_leader()
+
+    async def _close_leader(self) -> None:
+        conn, self._leader_conn = self._leader_conn, None
+        if conn is not None:
+            try:
+                await conn.close()  # ending the session frees its advisory locks
+            except Exception:  # pragma: no cover - closing a broken connection
+                pass
