@@ -193,9 +193,12 @@ def test_a_late_scheduler_never_enqueues_an_older_tick(
     fast, slow = make(schedulers, dsn), make(schedulers, dsn)
     for s in (fast, slow):
         s.register("@every 1s", pgq.Task("tick"))
+    assert len(fast.run_once(T0 + sec(3)).enqueued) + len(slow.run_once(T0 + sec(3)).enqueued) == 1
     assert len(fast.run_once(T0 + sec(5)).enqueued) == 1
-    assert slow.run_once(T0 + sec(4.5)).enqueued == []  # tick 4 is older than the recorded tick 5
-    assert len(tasks(conn)) == 1
+    # slow's memory says tick 3; the database refuses tick 4, older than the recorded tick 5
+    assert slow.run_once(T0 + sec(4.5)).enqueued == []
+    assert [r["tick_at"] for r in ticks(conn)] == [T0 + sec(3), T0 + sec(5)]
+    assert len(tasks(conn)) == 2
 
 
 def test_entry_ids_are_stable_and_distinct(dsn: str, schedulers: list[Scheduler]) -> None:
@@ -343,3 +346,81 @@ def test_cli_cron_ls_and_history(dsn: str, schedulers: list[Scheduler]) -> None:
     assert out.exit_code == 0 and out.output.count("2030-01-01") >= 2
     out = runner.invoke(app, ["cron", "history", "missing", "--dsn", dsn])
     assert out.exit_code == 1 and "missing" in out.output
+
+
+def test_a_rolled_back_claim_leaves_the_tick_to_the_next_scheduler(
+    dsn: str, conn: psycopg.Connection[Any], schedulers: list[Scheduler]
+) -> None:
+    """A node that dies mid-transaction (claim inserted, not committed) blocks the
+    others on the tick's key; when it rolls back, another node enqueues the tick."""
+    s = make(schedulers, dsn)
+    eid = s.register("@every 1s", pgq.Task("tick"))
+    s.run_once(T0 - sec(1))  # registers the entry, enqueues tick -1
+    with psycopg.connect(dsn) as dying:
+        dying.execute(
+            "INSERT INTO pgq.cron_tick (entry_id, tick_at, queue) VALUES (%s, %s, 'default')", (eid, T0)
+        )
+        done = threading.Event()
+        results: list[int] = []
+
+        def other() -> None:
+            results.append(len(s.run_once(T0).enqueued))
+            done.set()
+
+        t = threading.Thread(target=other)
+        t.start()
+        assert not done.wait(0.3), "the second claim must wait for the first transaction"
+        dying.rollback()
+    t.join(10)
+    assert results == [1]
+    assert [r["tick_at"] for r in ticks(conn)] == [T0 - sec(1), T0]
+    assert len(tasks(conn)) == 2
+
+
+def test_run_async_inside_an_event_loop(
+    dsn: str, conn: psycopg.Connection[Any], schedulers: list[Scheduler]
+) -> None:
+    import asyncio
+
+    s = make(schedulers, dsn)
+    s.register("@every 1s", pgq.Task("tick"))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        runner = asyncio.create_task(s.run_async(stop))
+        for _ in range(200):
+            if await asyncio.to_thread(lambda: len(tasks(conn))) >= 1:
+                break
+            await asyncio.sleep(0.02)
+        stop.set()
+        await asyncio.wait_for(runner, 5)
+
+    asyncio.run(main())
+    assert len(tasks(conn)) >= 1
+    assert s._conn is None
+
+
+def test_loop_survives_a_lost_connection(
+    dsn: str, conn: psycopg.Connection[Any], schedulers: list[Scheduler]
+) -> None:
+    s = make(schedulers, dsn)
+    s.register("@every 1s", pgq.Task("tick"))
+    s.start()
+
+    def wait_for(n: int) -> int:
+        deadline = datetime.now(UTC) + sec(10)
+        while (got := len(tasks(conn))) < n and datetime.now(UTC) < deadline:
+            threading.Event().wait(0.02)
+        return got
+
+    assert wait_for(1) >= 1
+    killed = conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name LIKE 'pgq:scheduler:%%'"
+    ).fetchone()
+    assert killed is not None and killed["n"] == 1
+    before = len(tasks(conn))
+    assert wait_for(before + 2) >= before + 2
+    s.shutdown()
+    recorded = ticks(conn)
+    assert len(tasks(conn)) == len(recorded) == len({r["tick_at"] for r in recorded})
