@@ -41,9 +41,10 @@ from pgq.config import DEFAULT_GRACE_PERIOD, GroupPolicy, ResolvedPolicy, resolv
 from pgq.errors import ConfigError, InvalidArgumentError, InvalidName
 from pgq.listener import Listener, cancel_channel
 from pgq.mux import ServeMux, is_async_handler
+from pgq.scheduler import Scheduler
 from pgq.services.cleaner import Cleaner, CleanerConfig
 from pgq.services.recoverer import Recoverer, RecovererConfig
-from pgq.task import check_name, parse_duration
+from pgq.task import Task, check_name, parse_duration
 from pgq.worker import Worker, WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ class Server:
         self.aggregator: Any = None
         self.recoverer: Recoverer | None = None
         self.cleaner: Cleaner | None = None
+        self.scheduler: Scheduler | None = None  # set by periodic()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._abort = False
@@ -161,7 +163,19 @@ class Server:
 
     def with_options(self, **overrides: Any) -> Server:
         """A new Server with the same settings except `overrides` (the CLI's flags)."""
-        return Server(**{**self._kwargs, **overrides})
+        new = Server(**{**self._kwargs, **overrides})
+        new.scheduler = self.scheduler  # keep periodic() entries
+        return new
+
+    def periodic(self, cronspec: str, task: Task, **options: Any) -> str:
+        """Enqueue `task` on `cronspec` while this server runs (see docs/periodic.md).
+
+        Every server (or Scheduler) declaring the same entry shares its ticks: each is
+        enqueued exactly once. Takes Scheduler.register()'s arguments; returns the entry id.
+        """
+        if self.scheduler is None:
+            self.scheduler = Scheduler(self._dsn, schema=self.schema)
+        return self.scheduler.register(cronspec, task, **options)
 
     # ------------------------------------------------------------ running
 
@@ -304,6 +318,8 @@ class Server:
             bg.append(asyncio.create_task(self.recoverer.run(services_stop), name="pgq-recoverer"))
             bg.append(asyncio.create_task(self.cleaner.run(services_stop), name="pgq-cleaner"))
             bg.append(asyncio.create_task(self._heartbeat_loop(pool, services_stop), name="pgq-heartbeat"))
+            if self.scheduler is not None:
+                bg.append(asyncio.create_task(self.scheduler.run_async(services_stop), name="pgq-scheduler"))
             flusher = asyncio.create_task(worker.run_flusher(), name="pgq-flusher")
             claimer = asyncio.create_task(worker.run_claimer(), name="pgq-claimer")
             with contextlib.suppress(TimeoutError):
