@@ -33,8 +33,6 @@ from datetime import date, datetime, timedelta
 from typing import Any, LiteralString, TypeVar
 
 import psycopg
-import psycopg_pool
-from psycopg.rows import dict_row
 
 from pgq import _sql, db
 from pgq.errors import QueueNotEmptyError, QueueNotFoundError, TaskNotFoundError, TaskStateError
@@ -180,16 +178,16 @@ class Inspector:
     """Read and operate queues, groups, tasks and servers.
 
     Inspector(dsn=None, schema="pgq"): dsn None reads $PGQ_DSN (else pgq's
-    embedded default). Thread-safe; holds a small connection pool, released by
-    close() (also a context manager).
+    embedded default). Thread-safe: calls share one connection, one at a time;
+    close() releases it (also a context manager).
     """
 
     def __init__(self, dsn: str | None = None, schema: str = "pgq") -> None:
         self._schema = _sql.check_schema(schema)
         self._dsn = db.resolve_dsn(dsn)
         self._cancel_channel = f"{schema}_cancel"
-        self._pool: psycopg_pool.ConnectionPool[Any] | None = None
-        self._lock = threading.Lock()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.RLock()
         self._closed = False
 
     # -- plumbing -----------------------------------------------------------------
@@ -197,26 +195,19 @@ class Inspector:
     def _q(self, name: str) -> LiteralString:
         return _sql.query(name, self._schema)
 
-    def _get_pool(self) -> psycopg_pool.ConnectionPool[Any]:
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("this Inspector is closed")
-            if self._pool is None:
-                self._pool = psycopg_pool.ConnectionPool(
-                    db.conninfo(self._dsn, "inspector"),
-                    min_size=0,
-                    max_size=4,
-                    kwargs={"autocommit": True, "row_factory": dict_row},
-                    open=True,
-                    name="pgq-inspector",
-                )
-            return self._pool
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The inspector's one connection (under self._lock): opened on first use, reopened when broken."""
+        if self._closed:
+            raise RuntimeError("this Inspector is closed")
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = db.connect(self._dsn, "inspector")
+        return self._conn
 
     def _run(self, fn: Callable[[psycopg.Connection[Any]], T], *, tx: bool = False) -> T:
-        """fn on a pooled connection; with tx, in one transaction retried on deadlock."""
-        pool = self._get_pool()
-        for attempt in range(_RETRIES):
-            with pool.connection() as conn:
+        """fn on the connection; with tx, in one transaction retried on deadlock."""
+        with self._lock:
+            conn = self._connection()
+            for attempt in range(_RETRIES):
                 if not tx:
                     return fn(conn)
                 try:
@@ -225,7 +216,7 @@ class Inspector:
                 except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
                     if attempt == _RETRIES - 1:
                         raise
-        raise AssertionError("unreachable")
+            raise AssertionError("unreachable")
 
     @staticmethod
     def _one(conn: psycopg.Connection[Any], query: LiteralString, **params: Any) -> dict[str, Any] | None:
@@ -262,9 +253,9 @@ class Inspector:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.close()
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def __enter__(self) -> Inspector:
         return self
