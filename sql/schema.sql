@@ -59,6 +59,10 @@ CREATE UNIQUE INDEX task_task_id_idx ON pgq.task (queue, task_id) WHERE task_id 
 -- Cleaner: completed tasks past retention, archived tasks past the archive horizon.
 CREATE INDEX task_expires_idx ON pgq.task (expires_at) WHERE state = 'completed';
 CREATE INDEX task_archived_idx ON pgq.task (queue, last_failed_at) WHERE state = 'archived';
+-- Lineage (G8): member id -> aggregated task (pgq.aggregate_of_member, dashboards).
+CREATE INDEX task_members_idx ON pgq.task USING gin (members) WHERE members IS NOT NULL;
+-- Joint statistics of (queue, state): the dashboard views estimate big counts from them.
+CREATE STATISTICS pgq.task_queue_state_stats (mcv) ON queue, state FROM pgq.task;
 
 -- Queues: a row per queue ever enqueued to; the pause flag.
 CREATE TABLE pgq.queue (
