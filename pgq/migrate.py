@@ -77,9 +77,17 @@ def migrate_conn(conn: psycopg.Connection[Any], schema: str = "pgq") -> list[Mig
                     (m.version, m.name),
                 )
             ran.append(m)
+        apply_views(conn, schema)
         return ran
     finally:
         conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_lock_key(schema),))
+
+
+def apply_views(conn: psycopg.Connection[Any], schema: str = "pgq") -> None:
+    """(Re)create the dashboard views of sql/views/*.sql (CREATE OR REPLACE), in one transaction."""
+    for p in sorted((_sql.sql_dir() / "views").glob("*.sql")):
+        with conn.transaction():
+            conn.execute(_sql.script(f"views/{p.name}", schema))
 
 
 def migrate(dsn: str | None = None, schema: str = "pgq") -> list[Migration]:
