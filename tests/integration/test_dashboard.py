@@ -16,16 +16,16 @@ import pytest
 pytest.importorskip("starlette", reason="the dashboard extra is not installed")
 pytest.importorskip("jinja2", reason="the dashboard extra is not installed")
 
-from psycopg.conninfo import conninfo_to_dict, make_conninfo  # noqa: E402
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 with warnings.catch_warnings():
     # Starlette >= 1.x prefers the httpx2 package for its test client; httpx works the same.
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-import pgq  # noqa: E402
-from pgq.dashboard import Auth, Settings, check_bind, create_app  # noqa: E402
-from pgq.errors import ConfigError  # noqa: E402
+import pgq
+from pgq.dashboard import Auth, Settings, check_bind, create_app
+from pgq.errors import ConfigError
 
 BASE = "http://127.0.0.1"
 XSS = ['<script>alert("x")</script>', '"><img src=x onerror=alert(1)>', "' onmouseover='alert(2)"]
@@ -207,7 +207,7 @@ def test_lineage_both_ways(client: TestClient, pgq_client: pgq.Client, conn: psy
         r = client.get("/task", params={"queue": "q", "id": member})
         assert r.status_code == 200
         assert 'id="aggregate-link"' in r.text and f"id={agg}" in r.text
-        assert f"aggregated into task" in r.text
+        assert "aggregated into task" in r.text
     r = client.get("/task", params={"queue": "q", "id": "999999"})
     assert r.status_code == 404 and "No task 999999" in r.text
 
