@@ -371,12 +371,14 @@ class Server:
             agg_stop.set()
             for t in [*bg, *([agg_task] if agg_task else [])]:
                 t.cancel()
-            for t in asyncio.all_tasks() - {asyncio.current_task()}:
-                t.cancel()
             if self.worker is not None:
                 self.worker.stop_threads()
+            # Close the pool before cancelling the stragglers: cancelling the pool's own
+            # worker tasks first makes close() raise CancelledError (exit code 1).
             with contextlib.suppress(Exception):
                 await pool.close(timeout=2.0)
+            for t in asyncio.all_tasks() - {asyncio.current_task()}:
+                t.cancel()
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)

@@ -61,20 +61,36 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float
 class WorkerProc:
     """`python -m pgq worker tests.fault.app:server` in a subprocess, logging to a file."""
 
-    def __init__(self, dsn: str, logdir: Path, n: int, env: Mapping[str, str] | None = None,
-                 argv: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        logdir: Path,
+        n: int,
+        env: Mapping[str, str] | None = None,
+        argv: Iterable[str] | None = None,
+    ) -> None:
         self.dsn = dsn
         self.n = n
         self.log_path = logdir / f"worker-{n}.log"
         self.env = {**os.environ, "PGQ_DSN": dsn, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.argv = list(argv) if argv is not None else [
-            sys.executable, "-m", "pgq", "worker", "tests.fault.app:server", "--log-level", "info",
-        ]
+        self.argv = (
+            list(argv)
+            if argv is not None
+            else [
+                sys.executable,
+                "-m",
+                "pgq",
+                "worker",
+                "tests.fault.app:server",
+                "--log-level",
+                "info",
+            ]
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def start(self) -> WorkerProc:
-        logf = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        logf = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdout=logf, stderr=logf)
         finally:
@@ -237,7 +253,7 @@ def percentile(values: list[float], p: float) -> float | None:
     if not values:
         return None
     v = sorted(values)
-    return round(v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))], 3)
+    return round(v[min(len(v) - 1, round(p / 100 * (len(v) - 1)))], 3)
 
 
 def wait_ready(dsn: str, procs: Iterable[WorkerProc], timeout: float = 30) -> None:
@@ -246,7 +262,9 @@ def wait_ready(dsn: str, procs: Iterable[WorkerProc], timeout: float = 30) -> No
 
     def ready() -> bool:
         with psycopg.connect(dsn, autocommit=True) as c:
-            row = c.execute("SELECT count(DISTINCT pid) FROM pgq.server WHERE pid = ANY(%s)", (pids,)).fetchone()
+            row = c.execute(
+                "SELECT count(DISTINCT pid) FROM pgq.server WHERE pid = ANY(%s)", (pids,)
+            ).fetchone()
         return bool(row and row[0] == len(pids))
 
     wait_for(ready, timeout, f"workers {pids} to start")

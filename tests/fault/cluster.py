@@ -85,14 +85,18 @@ class Cluster:
 
     # -------------------------------------------------------------- commands
 
-    def _as_pg(self, *argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def _as_pg(
+        self, *argv: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         cmd = list(argv)
         if os.geteuid() == 0:
             cmd = ["runuser", "-u", PG_USER, "--", *cmd]
         return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout)
 
     def pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return self._as_pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), *args, check=check)
+        return self._as_pg(
+            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), *args, check=check
+        )
 
     def init(self) -> None:
         if os.geteuid() == 0:
@@ -102,8 +106,17 @@ class Cluster:
             subprocess.run(["cp", "-a", str(self.golden), str(self.data)], check=True)
         else:
             self._as_pg(
-                str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", PG_USER,
-                "-E", "UTF8", "--locale=C", "--no-sync",
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                PG_USER,
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
             )
         conf = {
             "listen_addresses": "'127.0.0.1'",

@@ -73,8 +73,13 @@ def workers(fdb: str, tmp_path: Path) -> Iterator[WorkerFactory]:
     """start(env=..., n=...) -> a started WorkerProc; every one is stopped after the test."""
     procs: list[chaos_mod.WorkerProc] = []
 
-    def start(env: Mapping[str, str] | None = None, *, dsn: str | None = None, argv: Any = None,
-              n: int | None = None) -> chaos_mod.WorkerProc:
+    def start(
+        env: Mapping[str, str] | None = None,
+        *,
+        dsn: str | None = None,
+        argv: Any = None,
+        n: int | None = None,
+    ) -> chaos_mod.WorkerProc:
         w = chaos_mod.WorkerProc(dsn or fdb, tmp_path, len(procs) if n is None else n, env, argv)
         procs.append(w)
         return w.start()

@@ -94,7 +94,7 @@ class Proxy:
             data = await r.read(65536)
             if not data:
                 break
-            while self.mode == "blackhole":
+            while self.mode == "blackhole":  # noqa: ASYNC110 - the mode is switched from another thread
                 await asyncio.sleep(0.05)
             if self.mode.startswith("delay:"):
                 await asyncio.sleep(float(self.mode.split(":", 1)[1]))

@@ -60,9 +60,7 @@ def test_r1_sigkill_workers_under_load(fdb: str, workers: Any, chaos: Chaos) -> 
             in_flight |= held
             bound += len(held)
             w.start()  # the operator's supervisor restarts it
-        wait_for(
-            lambda: lost(fdb, ids) == 0, size(60, 900), "every task completed", interval=0.25
-        )
+        wait_for(lambda: lost(fdb, ids) == 0, size(60, 900), "every task completed", interval=0.25)
         # kill -> rescue: the recoverer stamps last_failed_at when it moves an expired lease
         rescue: list[float] = []
         for at, held in kill_times:
