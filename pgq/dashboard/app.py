@@ -670,7 +670,7 @@ class Dashboard:
 
     async def static(self, request: Request) -> Response:
         name = request.path_params["name"]
-        types = {"app.js": "text/javascript", "app.css": "text/css"}
+        types = {"app.js": "text/javascript", "app.css": "text/css", "favicon.svg": "image/svg+xml"}
         if name not in types:
             return Response("not found\n", status_code=404, media_type="text/plain")
         body = (resources.files("pgq.dashboard") / "static" / name).read_bytes()
@@ -780,6 +780,7 @@ def create_app(
         Route("/login", w(dash.login), methods=["GET", "POST"]),
         Route("/logout", w(dash.logout), methods=["POST"]),
         Route("/static/{name}", dash.static),
+        Route("/favicon.ico", lambda request: RedirectResponse("/static/favicon.svg", status_code=301)),
     ]
 
     @contextlib.asynccontextmanager
