@@ -30,7 +30,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from importlib import resources
 from typing import Any
 from urllib.parse import urlencode
@@ -85,6 +85,47 @@ class Settings:
     group_grace_period: float = DEFAULT_GRACE_PERIOD  # for the next-due estimate only
     group_max_delay: float | None = None
     group_max_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Day:
+    date: date
+    processed: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    """A row of the view pgq.queue_stats, named as pgq.QueueInfo is."""
+
+    queue: str
+    paused: bool
+    size: int
+    pending: int
+    active: int
+    scheduled: int
+    retry: int
+    aggregating: int
+    archived: int
+    completed: int
+    groups: int
+    counts_exact: bool
+    latency: timedelta
+    processed: int
+    failed: int
+
+    @classmethod
+    def from_view(cls, r: dict[str, Any]) -> QueueRow:
+        counts = {k: int(r[k] or 0) for k in (*STATES, "size", "groups")}
+        return cls(
+            queue=r["queue"],
+            paused=bool(r["paused"]),
+            counts_exact=bool(r["counts_exact"]),
+            latency=timedelta(seconds=float(r["latency_seconds"] or 0)),
+            processed=int(r["processed_today"] or 0),
+            failed=int(r["failed_today"] or 0),
+            **counts,
+        )
 
 
 class HTTPError(Exception):
@@ -490,39 +531,22 @@ class Dashboard:
 
     async def overview(self, request: Request) -> Response:
         days = self.int_arg(request, "days", 14, 1, 366)
-        insp = self.data.inspector
 
-        def load() -> tuple[list[Any], list[Any], datetime]:
-            infos, histories = [], []
-            for name in insp.queues():
-                try:
-                    infos.append(insp.get_queue_info(name))
-                    histories.append(insp.history(name, days))
-                except QueueNotFoundError:  # deleted meanwhile
-                    continue
-            return infos, histories, self.data.now()
+        def load() -> tuple[list[QueueRow], list[Day], datetime]:
+            queues = [QueueRow.from_view(r) for r in self.data.queue_overview()]
+            series = [
+                Day(r["day"], int(r["processed"]), int(r["failed"])) for r in self.data.daily_totals(days)
+            ]
+            return queues, series, self.data.now()
 
-        infos, histories, now = await self.call(load)
-        totals: dict[Any, dict[str, int]] = {}
-        for hist in histories:
-            for d in hist:
-                t = totals.setdefault(d.date, {"processed": 0, "failed": 0})
-                t["processed"] += d.processed
-                t["failed"] += d.failed
-
-        @dataclass
-        class Day:
-            date: Any
-            processed: int
-            failed: int
-
-        series = [Day(k, v["processed"], v["failed"]) for k, v in sorted(totals.items())]
-        sums = {s: sum(getattr(i, s) for i in infos) for s in (*STATES, "groups", "size")}
+        queues, series, now = await self.call(load)
+        sums = {s: sum(getattr(q, s) for q in queues) for s in (*STATES, "groups", "size")}
         return self.render(
             request,
             "overview.html",
-            queues=infos,
+            queues=queues,
             sums=sums,
+            exact=all(q.counts_exact for q in queues),
             days=days,
             chart_days=CHART_DAYS,
             throughput=_chart(series, "processed"),

@@ -55,6 +55,20 @@ class Data:
             )
         return None if row is None else TaskInfo.from_row(row)
 
+    def queue_overview(self) -> list[dict[str, Any]]:
+        """One row per queue from the view pgq.queue_stats."""
+        with self._lock:
+            return self._connection().execute(self._q("dashboard_queue_overview")).fetchall()
+
+    def daily_totals(self, days: int, now: datetime | None = None) -> list[dict[str, Any]]:
+        """Processed/failed per day over all queues, oldest first (view pgq.task_history)."""
+        with self._lock:
+            return (
+                self._connection()
+                .execute(self._q("dashboard_daily_totals"), {"days": days, "now": now})
+                .fetchall()
+            )
+
     def periodic_entries(self) -> list[scheduler.EntryInfo]:
         with self._lock:
             return scheduler.list_entries(self._connection(), self.schema)
