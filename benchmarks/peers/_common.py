@@ -1,0 +1,268 @@
+"""Shared by the workload scripts in benchmarks/peers/ (stdlib only).
+
+Each script runs inside its own system's virtualenv (pgq's, PGQueuer's,
+Procrastinate's), so nothing here may import a queue library. A script is
+called by benchmarks/compare.py as
+
+    <venv python> peers/<system>.py <workload> --dsn DSN [options]
+
+against a fresh scratch database, installs its system's schema (not timed),
+runs one workload and prints one JSON object on its last stdout line.
+
+Workloads (the same protocol for every system):
+
+- ``enqueue``: ``--n`` tasks, one per transaction, after 50 untimed warm-up
+  enqueues; rate = n / elapsed.
+- ``bulk``: ``--bulk`` tasks in one call (one transaction), ``--reps`` times;
+  rate = median over the reps.
+- ``drain``: ``--processes`` worker processes (each ``<script> worker``) are
+  started and wait idle; one warm-up task is run; then ``--n`` no-op tasks are
+  enqueued in ONE transaction, so that no worker can see any of them before all
+  are there. The clock starts when that commit returns and stops when the
+  database shows no unfinished task (polled every 5 ms on a separate
+  connection). Worker start-up is therefore not timed.
+- ``latency``: one idle worker process; tasks are enqueued one per transaction
+  at ``--rate`` per second for ``--duration`` seconds on an absolute schedule.
+  Each payload carries ``time.time()`` taken just before the enqueue call; the
+  handler writes ``time.time() - t`` on entry. Reported: p50/p95/p99/max in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+WARMUP = 50
+
+
+def parse_args(
+    argv: list[str] | None = None, extra: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("workload", choices=["enqueue", "bulk", "drain", "latency", "worker", "aggregation"])
+    p.add_argument("--dsn", required=True)
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--bulk", type=int, default=10_000)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--rate", type=float, default=50.0)
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--marks", default=None, help="worker: file to append latencies to")
+    p.add_argument("--mode", default="drain", choices=["drain", "latency"], help="worker mode")
+    if extra:
+        extra(p)
+    return p.parse_args(argv)
+
+
+def emit(result: dict[str, Any]) -> None:
+    print(json.dumps(result), flush=True)
+
+
+def percentiles_ms(values: list[float]) -> dict[str, float]:
+    """Nearest-rank percentiles of seconds, in milliseconds."""
+    v = sorted(values)
+    if not v:
+        return {"p50": math.nan, "p95": math.nan, "p99": math.nan, "max": math.nan, "samples": 0}
+
+    def pct(q: float) -> float:
+        return v[max(0, math.ceil(q * len(v)) - 1)] * 1000
+
+    return {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99), "max": v[-1] * 1000, "samples": len(v)}
+
+
+class Marks:
+    """The handler's side: in latency mode, append one latency (seconds) per task."""
+
+    def __init__(self, path: str | None, mode: str) -> None:
+        self.latency = mode == "latency"
+        self.count = 0
+        self._f = open(path, "a", buffering=1) if path else None
+
+    def hit(self, t0: float | None) -> None:
+        if self.latency and self._f is not None and t0 is not None:
+            self._f.write(f"{time.time() - t0:.7f}\n")
+            self._f.flush()
+        self.count += 1
+
+
+def ready() -> None:
+    """A worker tells the orchestrator it has started its system's worker loop."""
+    print("ready", flush=True)
+
+
+# -- orchestration (runs in the script's own process) ---------------------------------------
+
+
+def start_workers(
+    script: str, args: argparse.Namespace, processes: int, mode: str, marks: str
+) -> list[subprocess.Popen[str]]:
+    procs = []
+    for _ in range(processes):
+        cmd = [sys.executable, script, "worker", "--dsn", args.dsn, "--mode", mode, "--marks", marks]
+        for k, v in sorted(vars(args).items()):
+            if k.startswith("x_") and v is not None:
+                cmd += [f"--{k[2:].replace('_', '-')}", str(v)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True))
+    for p in procs:
+        assert p.stdout is not None
+        while True:
+            line = p.stdout.readline()
+            if not line:
+                stop_workers(procs)
+                raise RuntimeError(f"worker exited before it was ready (rc={p.poll()})")
+            if line.strip() == "ready":
+                break
+    time.sleep(1.0)  # let every worker reach its idle wait (LISTEN set up, first poll done)
+    return procs
+
+
+def stop_workers(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 5
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.005) -> float:
+    """Poll pred until true; returns time.time() when it was seen true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return time.time()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def run_drain(
+    script: str,
+    args: argparse.Namespace,
+    enqueue_bulk: Callable[[int], None],
+    unfinished: Callable[[], bool],
+    timeout: float = 300.0,
+) -> dict[str, Any]:
+    """The drain protocol; enqueue_bulk(n) must enqueue n no-op tasks in ONE transaction."""
+    with tempfile.NamedTemporaryFile(prefix="pgqbench-marks-", delete=False) as f:
+        marks = f.name
+    procs = start_workers(script, args, args.processes, "drain", marks)
+    try:
+        enqueue_bulk(1)  # warm-up: the workers have claimed and run a task before the clock starts
+        wait_until(lambda: not unfinished(), timeout=30)
+        enqueue_bulk(args.n)
+        t0 = time.time()
+        t1 = wait_until(lambda: not unfinished(), timeout=timeout)
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"a worker died during the drain (rc={p.returncode})")
+    finally:
+        stop_workers(procs)
+        os.unlink(marks)
+    return {"rate": args.n / (t1 - t0), "seconds": t1 - t0, "n": args.n, "processes": args.processes}
+
+
+def run_latency(
+    script: str,
+    args: argparse.Namespace,
+    start_enqueuer: Callable[[float, float], int],
+) -> dict[str, Any]:
+    """The latency protocol; start_enqueuer(rate, duration) enqueues on schedule, returns the count."""
+    with tempfile.NamedTemporaryFile(prefix="pgqbench-marks-", delete=False) as f:
+        marks = f.name
+    procs = start_workers(script, args, 1, "latency", marks)
+    try:
+        start_enqueuer(args.rate, 0.5)  # warm-up, not counted
+        time.sleep(0.5)
+        with open(marks, "w"):
+            pass  # truncate the warm-up marks
+        sent = start_enqueuer(args.rate, args.duration)
+
+        def lines() -> int:
+            with open(marks) as fh:
+                return sum(1 for _ in fh)
+
+        try:
+            wait_until(lambda: lines() >= sent, timeout=5.0, interval=0.05)
+        except TimeoutError:
+            pass  # report what arrived; `samples` shows the shortfall
+        with open(marks) as fh:
+            values = [float(x) for x in fh if x.strip()]
+    finally:
+        stop_workers(procs)
+        os.unlink(marks)
+    out: dict[str, Any] = percentiles_ms(values)
+    out.update(sent=sent, rate=args.rate, duration=args.duration)
+    return out
+
+
+def steady_sync(rate: float, duration: float, enqueue: Callable[[float], None]) -> int:
+    """Call enqueue(t) at `rate` per second on an absolute schedule; t = time.time() before the call."""
+    n = int(rate * duration)
+    start = time.monotonic()
+    for i in range(n):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        enqueue(time.time())
+    return n
+
+
+async def steady_async(rate: float, duration: float, enqueue: Callable[[float], Awaitable[None]]) -> int:
+    n = int(rate * duration)
+    start = time.monotonic()
+    for i in range(n):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await enqueue(time.time())
+    return n
+
+
+def timed_sync(n: int, fn: Callable[[int], None]) -> float:
+    """Rate of n calls of fn(i), after WARMUP untimed calls."""
+    for i in range(WARMUP):
+        fn(i)
+    t0 = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return n / (time.perf_counter() - t0)
+
+
+async def timed_async(n: int, fn: Callable[[int], Awaitable[None]]) -> float:
+    for i in range(WARMUP):
+        await fn(i)
+    t0 = time.perf_counter()
+    for i in range(n):
+        await fn(i)
+    return n / (time.perf_counter() - t0)
+
+
+def bulk_rates(reps: int, size: int, fn: Callable[[int], None]) -> dict[str, Any]:
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn(size)
+        rates.append(size / (time.perf_counter() - t0))
+    return {"rate": statistics.median(rates), "reps": rates, "size": size}
