@@ -186,6 +186,11 @@ class _Chunk:
 _NOT_RUN = object()
 
 
+class _MembersChanged(Exception):
+    """A member read by this batch was changed by someone else (say the inspector) before
+    the delete: the batch rolls back and its groups are looked at again next round."""
+
+
 class AggregatorTimeout(TimeoutError):
     """The group aggregator did not return within aggregate_timeout."""
 
@@ -243,7 +248,8 @@ class Aggregator:
         self._q_fold = q["group_fold_arrivals"]
         self._q_due = q["group_due"]
         self._q_next = q["group_next_due"]
-        self._q_lock = q["group_lock_members"]
+        self._q_lock = q["group_lock"]
+        self._q_members = q["group_members"]
         self._q_insert = q["group_insert_aggregates"]
         self._q_delete = q["group_delete_members"]
         self._q_refresh = q["group_refresh"]
@@ -402,6 +408,14 @@ class Aggregator:
     ) -> None:
         try:
             await self._aggregate(conn, due, now, res)
+        except _MembersChanged as exc:
+            logger.info(
+                "aggregator: a batch of %d groups rolled back (%s); trying again next round",
+                len(due),
+                exc,
+                extra={"action": "group_batch_retry"},
+            )
+            res.contended += len(due)
         except psycopg.OperationalError:
             raise
         except psycopg.Error as exc:
@@ -455,31 +469,33 @@ class Aggregator:
         now: datetime | None,
         res: AggregationResult,
     ) -> None:
-        cand_q = [d["queue"] for d in due]
-        cand_g = [d["group_key"] for d in due]
-        cand_cap = [self._cap(self._policies[d["queue"]]) for d in due]
         created: list[Aggregate] = []
         async with conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(
-                self._q_lock, {"queue": cand_q, "group_key": cand_g, "cap": cand_cap, "now": now}
+                self._q_lock,
+                {"queue": [d["queue"] for d in due], "group_key": [d["group_key"] for d in due], "now": now},
             )
-            rows = await cur.fetchall()
-            await _failpoints.hit_async("aggregate.after_select")
-            groups: dict[tuple[str, str], _Group] = {}
-            db_now: datetime | None = None
-            for r in rows:
-                key = (r["queue"], r["group_key"])
-                g = groups.get(key)
-                if g is None:
-                    g = groups[key] = _Group(r["queue"], r["group_key"], r["errors"])
-                if r["id"] is not None:
-                    g.rows.append(r)
-                db_now = r["now"]
-            res.contended += len(due) - len(groups)
-            if not groups:
+            locked = await cur.fetchall()
+            res.contended += len(due) - len(locked)
+            if not locked:
                 return
-            assert db_now is not None
+            db_now: datetime = locked[0]["now"]
+            groups: dict[tuple[str, str], _Group] = {
+                (r["queue"], r["group_key"]): _Group(r["queue"], r["group_key"], r["errors"]) for r in locked
+            }
+            gl = list(groups.values())
+            await cur.execute(
+                self._q_members,
+                {
+                    "queue": [g.queue for g in gl],
+                    "group_key": [g.group for g in gl],
+                    "cap": [self._cap(self._policies[g.queue]) for g in gl],
+                },
+            )
+            for r in await cur.fetchall():
+                groups[(r["queue"], r["group_key"])].rows.append(r)
+            await _failpoints.hit_async("aggregate.after_select")
             chunks: list[_Chunk] = []
             for (q, _), g in groups.items():
                 pol = self._policies[q]
@@ -496,15 +512,12 @@ class Aggregator:
                 await _failpoints.hit_async("aggregate.after_insert")
             taken = [m for g in groups.values() for m in g.taken]
             if taken:
-                await cur.execute(self._q_delete, {"ids": taken})
+                await cur.execute(self._q_delete, {"ids": "{" + ",".join(map(str, taken)) + "}"})
                 row = await cur.fetchone()
                 deleted = row["deleted"] if row else 0
                 if deleted != len(taken):
-                    raise RuntimeError(
-                        f"aggregator: expected to remove {len(taken)} members, removed {deleted}"
-                    )
+                    raise _MembersChanged(f"expected to remove {len(taken)} members, removed {deleted}")
             await _failpoints.hit_async("aggregate.after_delete")
-            gl = list(groups.values())
             await cur.execute(
                 self._q_refresh,
                 {

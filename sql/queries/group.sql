@@ -100,38 +100,42 @@ CROSS JOIN LATERAL (
     WHERE g.queue = p.queue AND g.retry_at IS NOT NULL
 ) n;
 
--- name: group_lock_members
+-- name: group_lock
 -- returns: many
 -- Inside the aggregation transaction: lock the summary rows of the candidate
--- groups (SKIP LOCKED: a group another aggregator holds is left to it; this
--- row lock is the per-group mutex between aggregators), then lock up to
--- %(cap)s members of each, in enqueue order (G5). A group with no member
--- comes back as one row with a NULL id, so its stale summary gets cleaned.
--- The back-off is re-checked under the lock. `now` is the time the caller
--- re-checks the due rules against.
-WITH cand AS (
-    SELECT c.queue, c.group_key, c.cap
-    FROM unnest(%(queue)s::text[], %(group_key)s::text[], %(cap)s::int[]) AS c(queue, group_key, cap)
-),
-locked AS MATERIALIZED (
-    SELECT g.queue, g.group_key, g.errors, c.cap
-    FROM pgq.task_group g JOIN cand c ON c.queue = g.queue AND c.group_key = g.group_key
-    WHERE g.retry_at IS NULL OR g.retry_at <= coalesce(%(now)s::timestamptz, now())
-    ORDER BY g.queue, g.group_key
-    FOR UPDATE OF g SKIP LOCKED
-)
-SELECT l.queue, l.group_key, l.errors, m.id, m.task_id, m.type, m.payload, m.headers,
-       m.max_retry, m.retried, m.enqueued_at, coalesce(%(now)s::timestamptz, now()) AS now
-FROM locked l
-LEFT JOIN LATERAL (
+-- groups, in (queue, group_key) order. SKIP LOCKED: a group another
+-- aggregator holds is left to it. This row lock is the per-group mutex
+-- between aggregators and folds of these rows wait for it; the back-off is
+-- re-checked under the lock. `now` is the time the caller checks the rules at.
+SELECT g.queue, g.group_key, g.errors, coalesce(%(now)s::timestamptz, now()) AS now
+FROM pgq.task_group g
+JOIN unnest(%(queue)s::text[], %(group_key)s::text[]) AS c(queue, group_key)
+  ON c.queue = g.queue AND c.group_key = g.group_key
+WHERE g.retry_at IS NULL OR g.retry_at <= coalesce(%(now)s::timestamptz, now())
+ORDER BY g.queue, g.group_key
+FOR UPDATE OF g SKIP LOCKED;
+
+-- name: group_members
+-- returns: many
+-- The first %(cap)s members of each group locked by group_lock (NULL cap: all),
+-- in enqueue order (G5). Its own statement, so its snapshot is taken after
+-- the summary locks: members another aggregator removed before we got the
+-- lock are not seen. No row locks on members: the summary lock keeps other
+-- aggregators away, and group_delete_members checks that every member read
+-- here is still 'aggregating' (anything else removed one, say the inspector:
+-- the batch rolls back).
+SELECT c.queue, c.group_key, m.id, m.task_id, m.type, m.payload, m.headers, m.max_retry,
+       m.retried, m.enqueued_at
+FROM unnest(%(queue)s::text[], %(group_key)s::text[], %(cap)s::int[]) WITH ORDINALITY
+     AS c(queue, group_key, cap, ord)
+CROSS JOIN LATERAL (
     SELECT t.id, t.task_id, t.type, t.payload, t.headers, t.max_retry, t.retried, t.enqueued_at
     FROM pgq.task t
-    WHERE t.queue = l.queue AND t.group_key = l.group_key AND t.state = 'aggregating'
+    WHERE t.queue = c.queue AND t.group_key = c.group_key AND t.state = 'aggregating'
     ORDER BY t.enqueued_at, t.id
-    LIMIT l.cap
-    FOR UPDATE OF t SKIP LOCKED
-) m ON true
-ORDER BY l.queue, l.group_key, m.enqueued_at, m.id;
+    LIMIT c.cap
+) m
+ORDER BY c.ord, m.enqueued_at, m.id;
 
 -- name: group_insert_aggregates
 -- returns: many
@@ -156,7 +160,7 @@ WITH input AS (
                               retention, unique_ttl, process_at, process_in, members, ord)
 ),
 numbered AS (
-    SELECT input.*, nextval(pg_get_serial_sequence('pgq.task', 'id')) AS id,
+    SELECT input.*, nextval('pgq.task_id_seq') AS id,
            CASE WHEN unique_ttl IS NOT NULL
                 THEN md5(type || chr(31) || payload::text) END AS unique_key
     FROM input ORDER BY ord
@@ -191,12 +195,14 @@ FROM ins ORDER BY ins.id;
 
 -- name: group_delete_members
 -- returns: one
--- Remove aggregated members (locked by this transaction, so all of them must
--- still be 'aggregating': the caller checks the count and rolls back
--- otherwise) and release their unique= locks.
+-- Remove aggregated members (%(ids)s: a bigint array literal, '{1,2,3}', far
+-- cheaper to send than thousands of bound ints) and release their unique=
+-- locks. Every one must still be 'aggregating' (the caller checks the count
+-- and rolls back otherwise): a row that changed meanwhile waits for the other
+-- writer and is then left out.
 WITH gone AS (
     DELETE FROM pgq.task t
-    WHERE t.id = ANY(%(ids)s::bigint[]) AND t.state = 'aggregating'
+    WHERE t.id = ANY(%(ids)s::text::bigint[]) AND t.state = 'aggregating'
     RETURNING t.id, t.queue, t.unique_key
 ),
 unlocked AS (
@@ -224,17 +230,18 @@ WITH x AS (
         AS x(queue, group_key, taken, error, hold)
 ),
 r AS (
-    SELECT x.*,
-        (SELECT count(*) FROM (SELECT 1 FROM pgq.task t
-                               WHERE t.queue = x.queue AND t.group_key = x.group_key
-                                 AND t.state = 'aggregating' LIMIT %(count_cap)s) s)::int AS cnt,
-        (SELECT t.enqueued_at FROM pgq.task t
-         WHERE t.queue = x.queue AND t.group_key = x.group_key AND t.state = 'aggregating'
-         ORDER BY t.enqueued_at, t.id LIMIT 1) AS oldest_at,
-        (SELECT t.enqueued_at FROM pgq.task t
-         WHERE t.queue = x.queue AND t.group_key = x.group_key AND t.state = 'aggregating'
-         ORDER BY t.enqueued_at DESC, t.id DESC LIMIT 1) AS newest_at
+    SELECT x.*, a.cnt, a.oldest_at,
+           CASE WHEN a.cnt < %(count_cap)s THEN a.newest_at
+                ELSE (SELECT t.enqueued_at FROM pgq.task t
+                      WHERE t.queue = x.queue AND t.group_key = x.group_key AND t.state = 'aggregating'
+                      ORDER BY t.enqueued_at DESC, t.id DESC LIMIT 1) END AS newest_at
     FROM x
+    CROSS JOIN LATERAL (
+        SELECT count(*)::int AS cnt, min(s.enqueued_at) AS oldest_at, max(s.enqueued_at) AS newest_at
+        FROM (SELECT t.enqueued_at FROM pgq.task t
+              WHERE t.queue = x.queue AND t.group_key = x.group_key AND t.state = 'aggregating'
+              ORDER BY t.enqueued_at, t.id LIMIT %(count_cap)s) s
+    ) a
 ),
 dropped AS (
     DELETE FROM pgq.task_group g USING r
