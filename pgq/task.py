@@ -144,14 +144,61 @@ def _check_json_value(value: Any) -> None:
             )
 
 
+def _not_json(value: Any) -> Any:
+    raise PayloadTypeError(
+        f"payload must be JSON (dict, list, str, int, float, bool, None); found {type(value).__name__}"
+    )
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_not_json)
+_CONTAINERS = (dict, list, tuple)
+
+
+def _check_containers(value: Any) -> None:
+    """What json.dumps lets through: non-str keys (it coerces them) and nesting below the C limit."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if depth >= MAX_PAYLOAD_DEPTH:
+            raise InvalidPayloadError(f"payload is nested deeper than {MAX_PAYLOAD_DEPTH} levels")
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise PayloadTypeError(
+                        f"payload object keys must be str, found {type(k).__name__} key {k!r}"
+                    )
+                if isinstance(item, _CONTAINERS):
+                    stack.append((item, depth + 1))
+        else:
+            stack.extend((item, depth + 1) for item in v if isinstance(item, _CONTAINERS))
+
+
 def encode_payload(payload: Any) -> str:
-    """The payload as JSON text, or a clear error naming what is wrong with it."""
-    _check_json_value(payload)
-    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    """The payload as JSON text, or a clear error naming what is wrong with it.
+
+    The hot path is json's C encoder plus a walk over containers only; anything it
+    rejects, and any text that may hold a NUL, gets the exact walk that names the problem.
+    """
     try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidPayloadError("payload contains a lone surrogate, which is not valid unicode") from None
+        text = _ENCODER.encode(payload)
+    except PayloadTypeError:
+        raise
+    except (ValueError, TypeError, RecursionError) as exc:
+        _check_json_value(payload)  # raises the specific error
+        raise InvalidPayloadError(f"payload is not JSON: {exc}") from None
+    if isinstance(payload, _CONTAINERS):
+        _check_containers(payload)
+    if "\\u0000" in text:  # a NUL (or a backslash followed by "u0000"): let the exact walk decide
+        _check_json_value(payload)
+    if text.isascii():
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidPayloadError(
+                "payload contains a lone surrogate, which is not valid unicode"
+            ) from None
     if size > MAX_PAYLOAD_BYTES:
         raise PayloadTooLargeError(f"payload is {size} bytes as JSON; the limit is {MAX_PAYLOAD_BYTES}")
     return text

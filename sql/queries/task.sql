@@ -4,28 +4,32 @@
 
 -- name: task_enqueue
 -- returns: many
--- Insert tasks given as parallel arrays, in input order. Handles unique= locks
--- (a row is skipped when its lock is held), queue rows, group arrivals and the
--- wake-up NOTIFY for the queues in %(notify)s, all in one statement.
+-- Insert tasks given as parallel arrays, in input order (ids ascend with it). Handles
+-- unique= locks (a row is skipped when its lock is held: the caller raises
+-- DuplicateTaskError), queue rows, group arrivals and the wake-up NOTIFY for the
+-- queues in %(notify)s, all in one statement. Arrays travel in binary (%(x)b): no
+-- per-element quoting of JSON text. Returns one row per inserted task, in input order.
 WITH input AS (
-    SELECT i.ord, i.task_id, i.queue, i.type, i.payload::jsonb AS payload,
-           i.headers::jsonb AS headers, i.group_key, i.max_retry,
+    SELECT nextval('pgq.task_id_seq') AS id, i.task_id, i.queue, i.type,
+           i.payload::jsonb AS payload, i.headers::jsonb AS headers, i.group_key, i.max_retry,
            i.timeout * interval '1 second' AS timeout, i.deadline,
            i.retention * interval '1 second' AS retention, i.unique_ttl,
            coalesce(statement_timestamp() + i.process_in * interval '1 second',
                     i.process_at, statement_timestamp()) AS run_at
-    FROM unnest(%(task_id)s::text[], %(queue)s::text[], %(type)s::text[], %(payload)s::text[],
-                %(headers)s::text[], %(group_key)s::text[], %(max_retry)s::int[],
-                %(timeout)s::float8[], %(deadline)s::timestamptz[], %(retention)s::float8[],
-                %(unique_ttl)s::float8[], %(process_at)s::timestamptz[], %(process_in)s::float8[])
-         WITH ORDINALITY AS i(task_id, queue, type, payload, headers, group_key, max_retry, timeout,
-                              deadline, retention, unique_ttl, process_at, process_in, ord)
+    FROM unnest(%(task_id)b::text[], %(queue)b::text[], %(type)b::text[], %(payload)b::text[],
+                %(headers)b::text[], %(group_key)b::text[], %(max_retry)b::int[],
+                %(timeout)b::float8[], %(deadline)b::timestamptz[], %(retention)b::float8[],
+                %(unique_ttl)b::float8[], %(process_at)b::timestamptz[], %(process_in)b::float8[])
+         AS i(task_id, queue, type, payload, headers, group_key, max_retry, timeout,
+              deadline, retention, unique_ttl, process_at, process_in)
 ),
 numbered AS (
-    SELECT input.*, nextval(pg_get_serial_sequence('pgq.task', 'id')) AS id,
-           CASE WHEN unique_ttl IS NOT NULL
-                THEN md5(type || chr(31) || payload::text) END AS unique_key
-    FROM input ORDER BY ord
+    SELECT input.*,
+           CASE WHEN unique_ttl IS NOT NULL THEN md5(type || chr(31) || payload::text) END AS unique_key,
+           CASE WHEN run_at > statement_timestamp() THEN 'scheduled'
+                WHEN group_key IS NOT NULL THEN 'aggregating'
+                ELSE 'pending' END AS state
+    FROM input
 ),
 locked AS (
     INSERT INTO pgq.unique_lock AS u (queue, key, task, expires_at)
@@ -42,15 +46,11 @@ ins AS (
     INSERT INTO pgq.task (id, task_id, queue, type, payload, headers, state, group_key, max_retry,
                           timeout, deadline, retention, unique_key, enqueued_at, run_at)
     OVERRIDING SYSTEM VALUE
-    SELECT n.id, n.task_id, n.queue, n.type, n.payload, n.headers,
-           CASE WHEN n.run_at > statement_timestamp() THEN 'scheduled'
-                WHEN n.group_key IS NOT NULL THEN 'aggregating'
-                ELSE 'pending' END,
-           n.group_key, n.max_retry, n.timeout, n.deadline, n.retention, n.unique_key,
+    SELECT n.id, n.task_id, n.queue, n.type, n.payload, n.headers, n.state, n.group_key,
+           n.max_retry, n.timeout, n.deadline, n.retention, n.unique_key,
            statement_timestamp(), greatest(n.run_at, statement_timestamp())
     FROM numbered n
     WHERE n.unique_key IS NULL OR n.id IN (SELECT task FROM locked)
-    ORDER BY n.id
     RETURNING id, task_id, queue, state, group_key, enqueued_at, run_at
 ),
 arrivals AS (
