@@ -99,12 +99,14 @@ BEGIN
     IF completed_rows IS NULL OR completed_rows < 10 * p_cap::real THEN
         SELECT count(*) INTO completed
           FROM (SELECT 1 FROM pgq.task t WHERE t.state = 'completed' AND t.queue = p_queue LIMIT p_cap) x;
+        IF completed >= p_cap THEN
+            exact := false;
+            completed := greatest(completed, pgq.estimate_task_count(p_queue, 'completed'));
+        END IF;
     ELSE
-        completed := p_cap;
-    END IF;
-    IF completed >= p_cap THEN
+        -- no per-queue index on completed tasks: counting would walk every completed row
         exact := false;
-        completed := greatest(completed, pgq.estimate_task_count(p_queue, 'completed'));
+        completed := pgq.estimate_task_count(p_queue, 'completed');
     END IF;
     RETURN NEXT;
 END
