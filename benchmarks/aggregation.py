@@ -84,8 +84,9 @@ def latency(admin: str, groups: int) -> dict[str, float]:
         done = threading.Event()
         mux = pgq.ServeMux()
         mux.handle("digest", lambda t: None)
-        server = pgq.Server(dsn, queues={Q: 1}, group_aggregator=aggregate, group_grace_period=grace,
-                            group_max_size=5)
+        server = pgq.Server(
+            dsn, queues={Q: 1}, group_aggregator=aggregate, group_grace_period=grace, group_max_size=5
+        )
         server.start(mux)
         try:
             time.sleep(1.5)  # leadership
@@ -123,8 +124,10 @@ def latency(admin: str, groups: int) -> dict[str, float]:
         out[f"{kind}_p50_ms"] = round(statistics.median(lat), 2)
         out[f"{kind}_p99_ms"] = round(pct(lat, 99), 2)
         out[f"{kind}_max_ms"] = round(max(lat), 2)
-        print(f"latency after the due moment, {kind} trigger: n={len(lat)} "
-              f"p50={out[f'{kind}_p50_ms']} ms p99={out[f'{kind}_p99_ms']} ms max={out[f'{kind}_max_ms']} ms")
+        print(
+            f"latency after the due moment, {kind} trigger: n={len(lat)} "
+            f"p50={out[f'{kind}_p50_ms']} ms p99={out[f'{kind}_p99_ms']} ms max={out[f'{kind}_max_ms']} ms"
+        )
     return out
 
 
@@ -176,8 +179,10 @@ def throughput(admin: str, groups: int, size: int, batch: int) -> dict[str, floa
             row = conn.execute("SELECT count(*) AS n FROM pgq.task WHERE state = 'aggregating'").fetchone()
             assert row is not None and row["n"] == 0, row
     rate = members / elapsed
-    print(f"throughput: {members:,} members in {groups:,} groups of {size} aggregated in {elapsed:.2f} s "
-          f"({rounds} rounds of up to {batch} groups): {rate:,.0f} members/s")
+    print(
+        f"throughput: {members:,} members in {groups:,} groups of {size} aggregated in {elapsed:.2f} s "
+        f"({rounds} rounds of up to {batch} groups): {rate:,.0f} members/s"
+    )
     return {"members": members, "seconds": round(elapsed, 3), "members_per_s": round(rate)}
 
 
@@ -193,8 +198,9 @@ def due_check(admin: str, members: int, groups: int, repeat: int) -> dict[str, f
         with psycopg.connect(dsn, autocommit=True) as conn:
             insert_members(conn, members, groups, "1 minute")
         build = time.perf_counter() - t
-        pols = resolve_group_policies([Q], aggregator=aggregate, grace_period=3600, max_delay=7200,
-                                      max_size=1000)
+        pols = resolve_group_policies(
+            [Q], aggregator=aggregate, grace_period=3600, max_delay=7200, max_size=1000
+        )
 
         async def main() -> tuple[int, list[float]]:
             pool = await db.pool_async(dsn, "aggregator", max_size=1)
@@ -221,8 +227,14 @@ def due_check(admin: str, members: int, groups: int, repeat: int) -> dict[str, f
             for _ in range(repeat):
                 row = conn.execute(
                     "EXPLAIN (ANALYZE, FORMAT JSON) " + _sql.query("group_due"),
-                    {"queue": [Q], "grace": [3600.0], "max_delay": [7200.0], "max_size": [1000],
-                     "now": None, "limit": 500},
+                    {
+                        "queue": [Q],
+                        "grace": [3600.0],
+                        "max_delay": [7200.0],
+                        "max_size": [1000],
+                        "now": None,
+                        "limit": 500,
+                    },
                 ).fetchone()
                 assert row is not None
                 plan_ms.append(row["QUERY PLAN"][0]["Execution Time"])
@@ -235,17 +247,22 @@ def due_check(admin: str, members: int, groups: int, repeat: int) -> dict[str, f
         "round_max_ms": round(max(times), 2),
         "due_query_server_p50_ms": round(statistics.median(plan_ms), 3),
     }
-    print(f"due check with {members:,} members waiting in {groups:,} groups, none due: "
-          f"full round (fold + due check + next due) p50={out['round_p50_ms']} ms "
-          f"max={out['round_max_ms']} ms; due query alone (server) p50={out['due_query_server_p50_ms']} ms "
-          f"[data built in {build:.1f} s]")
+    print(
+        f"due check with {members:,} members waiting in {groups:,} groups, none due: "
+        f"full round (fold + due check + next due) p50={out['round_p50_ms']} ms "
+        f"max={out['round_max_ms']} ms; due query alone (server) p50={out['due_query_server_p50_ms']} ms "
+        f"[data built in {build:.1f} s]"
+    )
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--dsn", default="postgresql://root@127.0.0.1:5432/postgres",
-                    help="a server where scratch databases may be created")
+    ap.add_argument(
+        "--dsn",
+        default="postgresql://root@127.0.0.1:5432/postgres",
+        help="a server where scratch databases may be created",
+    )
     ap.add_argument("--latency-groups", type=int, default=100)
     ap.add_argument("--groups", type=int, default=10_000)
     ap.add_argument("--size", type=int, default=10)

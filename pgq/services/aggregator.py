@@ -23,8 +23,8 @@ One round (`run_once`)
    a. lock their summary rows FOR UPDATE SKIP LOCKED: that row lock is the
       per-group mutex between aggregators (a group held by another is left to
       it), and folds of those rows wait until we commit;
-   b. lock up to `cap` members per group FOR UPDATE SKIP LOCKED, in enqueue
-      order (enqueued_at, id);
+   b. read up to `cap` members per group, in enqueue order (enqueued_at, id),
+      in a statement of its own so that its snapshot follows the locks;
    c. re-check the rules on those real rows: with max_size S, the k*S oldest
       become k aggregated tasks of exactly S (G3); the rest becomes one more
       task when its own newest member is older than the grace period or its
@@ -36,8 +36,9 @@ One round (`run_once`)
    e. insert the aggregated tasks in the group's queue (G6) with their member
       ids (lineage, G8); tasks with task_id= or unique= each under a savepoint,
       so a conflict fails only that group;
-   f. delete the members and release their unique= locks: we hold their row
-      locks, so every one must still be there (else the batch rolls back);
+   f. delete the members and release their unique= locks, checking that every
+      one read in (b) was still 'aggregating'; if the inspector (or anyone)
+      changed one meanwhile, the batch rolls back and is retried next round;
    g. recompute each locked group's summary from its remaining members in a
       fresh statement (it sees every member whose arrival was folded, so the
       summary never undercounts), or delete it when none remain; record
@@ -48,12 +49,16 @@ One round (`run_once`)
 4. Compute when the next group becomes due (index endpoint lookups).
 
 Exactly once (G7). Members are only ever removed by the transaction that
-inserts their aggregated task, under their row locks, with a count check. A
-crash, a killed connection or a failed statement rolls the whole batch back:
+inserts their aggregated task, by id, with a count check: if any member read
+was no longer 'aggregating' when deleted, the whole batch rolls back. A
+crash, a killed connection or a failed statement rolls the batch back too:
 members stay 'aggregating' and are eligible again at once (no reclaim
-timeout). Two aggregators can never take the same member (row locks), nor
-split a group between them (summary row lock). Never an empty aggregate (a
-chunk has at least one member), never above max_size (chunks are cut at S).
+timeout). Two aggregators cannot work on one group at once (the summary row
+lock; a group has one summary row at a time, deleted only under that lock),
+and even if they did, the count check would roll one back. Members are not
+row-locked: the summary lock makes it unnecessary, and skipping it halves the
+writes. Never an empty aggregate (a chunk has at least one member), never
+above max_size (chunks are cut at S).
 
 A failing aggregator (raises, returns a non-Task, times out, or its task is
 refused: bad options, task_id conflict, unique lock held) fails its group

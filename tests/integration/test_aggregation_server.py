@@ -113,9 +113,7 @@ def test_s4_size_trigger_within_100ms_of_the_completing_commit(
     assert max(lat) <= 1.0, lat
 
 
-def test_s1_real_time_grace_period(
-    dsn: str, servers: Callable[..., pgq.Server], client: pgq.Client
-) -> None:
+def test_s1_real_time_grace_period(dsn: str, servers: Callable[..., pgq.Server], client: pgq.Client) -> None:
     rec = Recorder()
     servers(dsn, mux_for(rec), group_aggregator=concat, group_grace_period=1)
     time.sleep(1.2)
@@ -137,8 +135,14 @@ def test_s8_two_servers_2000_members_exactly_once(
 ) -> None:
     rec = Recorder()
     for _ in range(2):
-        servers(dsn, mux_for(rec), group_aggregator=concat, group_grace_period=0.2,
-                group_max_size=7, concurrency=4)
+        servers(
+            dsn,
+            mux_for(rec),
+            group_aggregator=concat,
+            group_grace_period=0.2,
+            group_max_size=7,
+            concurrency=4,
+        )
     n_threads, per_thread, n_groups = 8, 250, 25
 
     def produce(k: int) -> None:
@@ -159,7 +163,9 @@ def test_s8_two_servers_2000_members_exactly_once(
     rows = conn.execute("SELECT members FROM pgq.task WHERE members IS NOT NULL").fetchall()
     ids = [m for r in rows for m in r["members"]]
     assert len(ids) == len(set(ids)) == total
-    assert conn.execute("SELECT count(*) AS n FROM pgq.task WHERE state = 'aggregating'").fetchone() == {"n": 0}
+    assert conn.execute("SELECT count(*) AS n FROM pgq.task WHERE state = 'aggregating'").fetchone() == {
+        "n": 0
+    }
     with pgq.Inspector(dsn) as insp:
         assert insp.get_queue_info(Q).processed == len(seen)
 
@@ -256,8 +262,12 @@ def check_exactly_once(conn: psycopg.Connection[Any], expected: set[int]) -> lis
     ["slow_aggregator", "after_select", "after_insert", "after_delete", "before_commit", "after_commit"],
 )
 def test_s9_sigkill_mid_aggregation_another_server_aggregates_each_member_once(
-    dsn: str, servers: Callable[..., pgq.Server], client: pgq.Client, conn: psycopg.Connection[Any],
-    tmp_path: Path, how: str,
+    dsn: str,
+    servers: Callable[..., pgq.Server],
+    client: pgq.Client,
+    conn: psycopg.Connection[Any],
+    tmp_path: Path,
+    how: str,
 ) -> None:
     marker = tmp_path / "called"
     env = {"SLOW": "1"} if how == "slow_aggregator" else {"PGQ_FAILPOINTS": f"aggregate.{how}=kill"}
@@ -286,8 +296,13 @@ def test_s9_sigkill_mid_aggregation_another_server_aggregates_each_member_once(
     # Another server takes over and aggregates every member exactly once.
     rec = Recorder()
     servers(dsn, mux_for(rec), group_aggregator=concat, group_grace_period=0.3, group_max_size=10)
-    wait_for(lambda: conn.execute(
-        "SELECT count(*) AS n FROM pgq.task WHERE state = 'aggregating'").fetchone() == {"n": 0}, timeout=20)
+    wait_for(
+        lambda: (
+            conn.execute("SELECT count(*) AS n FROM pgq.task WHERE state = 'aggregating'").fetchone()
+            == {"n": 0}
+        ),
+        timeout=20,
+    )
     chunks = check_exactly_once(conn, set(range(25)))
     assert [len(c) for c in chunks] == [10, 10, 5]
     assert chunks[0] == list(range(10))

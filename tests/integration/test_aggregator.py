@@ -55,7 +55,9 @@ def make(dsn: str) -> Iterator[Callable[..., Harness]]:
     made: list[Harness] = []
 
     def factory(
-        aggregator: Any = concat, queues: tuple[str, ...] = (Q,), harness_kw: dict[str, Any] | None = None,
+        aggregator: Any = concat,
+        queues: tuple[str, ...] = (Q,),
+        harness_kw: dict[str, Any] | None = None,
         **settings: Any,
     ) -> Harness:
         settings.setdefault("grace_period", 60)
@@ -99,8 +101,16 @@ class Members:
     def t(self, seconds: float) -> datetime:
         return self.t0 + timedelta(seconds=seconds)
 
-    def add(self, payload: Any, *, at: float | None = None, queue: str = Q, group: str = "g",
-            headers: dict[str, str] | None = None, **opts: Any) -> pgq.TaskInfo:
+    def add(
+        self,
+        payload: Any,
+        *,
+        at: float | None = None,
+        queue: str = Q,
+        group: str = "g",
+        headers: dict[str, str] | None = None,
+        **opts: Any,
+    ) -> pgq.TaskInfo:
         task = pgq.Task("item", payload, headers=headers)
         info = self.client.enqueue(task, queue=queue, group=group, **opts)
         if at is not None and info.state == "aggregating":
@@ -136,7 +146,9 @@ def aggregates(conn: psycopg.Connection[Any], queue: str = Q) -> list[dict[str, 
 
 
 def summary(conn: psycopg.Connection[Any], queue: str = Q) -> list[dict[str, Any]]:
-    return conn.execute("SELECT * FROM pgq.task_group WHERE queue = %s ORDER BY group_key", (queue,)).fetchall()
+    return conn.execute(
+        "SELECT * FROM pgq.task_group WHERE queue = %s ORDER BY group_key", (queue,)
+    ).fetchall()
 
 
 # --- scenario 1-3: the time rules ----------------------------------------------------------------
@@ -276,8 +288,16 @@ def test_s6_aggregated_task_lands_in_the_groups_queue(
     make: Callable[..., Harness], client: pgq.Client, conn: psycopg.Connection[Any]
 ) -> None:
     def to_other(group: str, ts: list[pgq.Task]) -> pgq.Task:
-        return pgq.Task("digest", len(ts), queue="other", group="nope", max_retry=3, timeout=5,
-                        retention=60, headers={"h": "v"})
+        return pgq.Task(
+            "digest",
+            len(ts),
+            queue="other",
+            group="nope",
+            max_retry=3,
+            timeout=5,
+            retention=60,
+            headers={"h": "v"},
+        )
 
     h = make(to_other, grace_period=3600, max_size=2)
     client.enqueue_many([pgq.Task("item", 1), pgq.Task("item", 2)], queue=Q, group="g")
@@ -335,8 +355,11 @@ def test_aggregator_receives_read_only_facts_in_fifo_order(
 
 
 def test_s7_raising_aggregator_loses_nothing_and_retries_with_backoff(
-    make: Callable[..., Harness], client: pgq.Client, conn: psycopg.Connection[Any],
-    insp: pgq.Inspector, caplog: pytest.LogCaptureFixture,
+    make: Callable[..., Harness],
+    client: pgq.Client,
+    conn: psycopg.Connection[Any],
+    insp: pgq.Inspector,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     calls = []
 
@@ -363,7 +386,9 @@ def test_s7_raising_aggregator_loses_nothing_and_retries_with_backoff(
     assert aggregates(conn)[0]["payload"] == [0, 1, 2]
 
 
-def test_backoff_doubles(make: Callable[..., Harness], client: pgq.Client, conn: psycopg.Connection[Any]) -> None:
+def test_backoff_doubles(
+    make: Callable[..., Harness], client: pgq.Client, conn: psycopg.Connection[Any]
+) -> None:
     def bad(group: str, ts: list[pgq.Task]) -> pgq.Task:
         raise ValueError("no")
 
@@ -507,9 +532,13 @@ def test_s12_same_group_name_in_two_queues(
     assert [a["payload"] for a in aggregates(conn, "b")] == [["b", "b"]]
 
 
-def test_per_queue_policies(make: Callable[..., Harness], client: pgq.Client, conn: psycopg.Connection[Any]) -> None:
+def test_per_queue_policies(
+    make: Callable[..., Harness], client: pgq.Client, conn: psycopg.Connection[Any]
+) -> None:
     h = make(
-        grace_period=3600, max_size=5, queues=("a", "b"),
+        grace_period=3600,
+        max_size=5,
+        queues=("a", "b"),
         policies={"b": GroupPolicy(max_size=2, aggregator=lambda g, ts: pgq.Task("b-digest", len(ts)))},
     )
     for q in ("a", "b"):
@@ -562,8 +591,14 @@ def test_stale_summary_of_an_empty_group_is_dropped(
 
 @pytest.mark.parametrize(
     "kw",
-    [{"group_max_size": -1}, {"group_grace_period": 0}, {"group_grace_period": -5},
-     {"group_max_delay": -1}, {"group_max_size": 2.5}, {"group_grace_period": "soon"}],
+    [
+        {"group_max_size": -1},
+        {"group_grace_period": 0},
+        {"group_grace_period": -5},
+        {"group_max_delay": -1},
+        {"group_max_size": 2.5},
+        {"group_grace_period": "soon"},
+    ],
 )
 def test_s14_bad_settings_raise_config_error(dsn: str, kw: dict[str, Any]) -> None:
     with pytest.raises(pgq.ConfigError):
@@ -572,8 +607,7 @@ def test_s14_bad_settings_raise_config_error(dsn: str, kw: dict[str, Any]) -> No
 
 def test_s14_bad_group_policy_raises_config_error(dsn: str) -> None:
     with pytest.raises(pgq.ConfigError, match="'q'"):
-        pgq.Server(dsn, queues={Q: 1}, group_aggregator=concat,
-                   group_policies={Q: GroupPolicy(max_size=-3)})
+        pgq.Server(dsn, queues={Q: 1}, group_aggregator=concat, group_policies={Q: GroupPolicy(max_size=-3)})
 
 
 @pytest.mark.parametrize("group", ["", "   ", "\t"])
@@ -586,8 +620,7 @@ def test_s15_lineage_and_members_gone(
     make: Callable[..., Harness], client: pgq.Client, conn: psycopg.Connection[Any], insp: pgq.Inspector
 ) -> None:
     h = make(grace_period=3600, max_size=2)
-    a = client.enqueue_many([pgq.Task("item", 1), pgq.Task("item", 2)], queue=Q, group="g",
-                            task_id=None)
+    a = client.enqueue_many([pgq.Task("item", 1), pgq.Task("item", 2)], queue=Q, group="g", task_id=None)
     custom = client.enqueue(pgq.Task("item", 3), queue=Q, group="h", task_id="member-x")
     client.enqueue(pgq.Task("item", 4), queue=Q, group="h")
     r = h.once()
@@ -653,15 +686,18 @@ def test_sql_enqueue_function_members_are_aggregated(
 # --- exactly once under concurrency (run_once racing run_once) ----------------------------------------
 
 
-def test_concurrent_rounds_split_groups_never_members(dsn: str, client: pgq.Client,
-                                                      conn: psycopg.Connection[Any]) -> None:
+def test_concurrent_rounds_split_groups_never_members(
+    dsn: str, client: pgq.Client, conn: psycopg.Connection[Any]
+) -> None:
     pols = resolve_group_policies([Q], aggregator=concat, grace_period=3600, max_size=4)
 
     async def main() -> list[AggregationResult]:
         pools = [await db.pool_async(dsn, "aggregator", max_size=2) for _ in range(3)]
         try:
-            aggs = [Aggregator(dsn, p, pols, worker_id=f"w{i}", leadership=False, batch_size=7)
-                    for i, p in enumerate(pools)]
+            aggs = [
+                Aggregator(dsn, p, pols, worker_id=f"w{i}", leadership=False, batch_size=7)
+                for i, p in enumerate(pools)
+            ]
             out: list[AggregationResult] = []
             for _ in range(20):
                 out += await asyncio.gather(*(a.run_once() for a in aggs))
@@ -683,7 +719,9 @@ def test_concurrent_rounds_split_groups_never_members(dsn: str, client: pgq.Clie
 # --- G13: the cost of the due check -------------------------------------------------------------------
 
 
-def test_g13_due_check_reads_only_due_groups(make: Callable[..., Harness], conn: psycopg.Connection[Any]) -> None:
+def test_g13_due_check_reads_only_due_groups(
+    make: Callable[..., Harness], conn: psycopg.Connection[Any]
+) -> None:
     """20,000 groups of 5 members, none due: the due check touches no group row."""
     conn.execute(
         "INSERT INTO pgq.task (queue, type, payload, state, group_key) "
@@ -743,7 +781,7 @@ def test_leadership_one_leader_and_handover(dsn: str, conn: psycopg.Connection[A
             "AND pid = (SELECT min(pid) FROM pg_stat_activity WHERE datname = current_database() "
             "           AND application_name LIKE 'pgq:leader:%%')"
         )
-        await _until(lambda: b.leading == {Q, "r"} or a.leading == {Q, "r"} and b.leading == set())
+        await _until(lambda: b.leading == {Q, "r"} or (a.leading == {Q, "r"} and b.leading == set()))
         await _until(lambda: len(a.leading) + len(b.leading) == 2 and not (a.leading & b.leading))
         stop_a.set()
         await ta
@@ -755,15 +793,17 @@ def test_leadership_one_leader_and_handover(dsn: str, conn: psycopg.Connection[A
     asyncio.run(main())
 
 
-async def _until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+async def _until(cond: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
 
 
-def test_run_sleeps_until_due_and_wakes_on_wake(dsn: str, client: pgq.Client, conn: psycopg.Connection[Any]) -> None:
+def test_run_sleeps_until_due_and_wakes_on_wake(
+    dsn: str, client: pgq.Client, conn: psycopg.Connection[Any]
+) -> None:
     """run(): a sub-second grace period fires on time; wake() from another thread triggers a size round."""
     pols = resolve_group_policies([Q], aggregator=concat, grace_period=0.3, max_size=3)
 
@@ -776,7 +816,7 @@ def test_run_sleeps_until_due_and_wakes_on_wake(dsn: str, client: pgq.Client, co
         await asyncio.to_thread(client.enqueue, pgq.Task("item", 1), queue=Q, group="t")
         t0 = time.monotonic()
         await asyncio.to_thread(agg.wake, Q)  # from another thread: schedules a round
-        await _until(lambda: bool(aggregates(conn)), timeout=3)
+        await _until(lambda: bool(aggregates(conn)), within=3)
         waited = time.monotonic() - t0
         assert 0.2 <= waited <= 0.6, waited
         await asyncio.to_thread(
@@ -784,10 +824,33 @@ def test_run_sleeps_until_due_and_wakes_on_wake(dsn: str, client: pgq.Client, co
         )
         t0 = time.monotonic()
         agg.wake(Q)
-        await _until(lambda: len(aggregates(conn)) == 2, timeout=3)
+        await _until(lambda: len(aggregates(conn)) == 2, within=3)
         assert time.monotonic() - t0 < 0.2
         stop.set()
         await task
         await pool.close()
 
     asyncio.run(main())
+
+
+def test_member_changed_during_aggregation_rolls_the_batch_back(
+    dsn: str, make: Callable[..., Harness], client: pgq.Client, conn: psycopg.Connection[Any]
+) -> None:
+    """Someone removes a member while its aggregator runs: nothing is half done."""
+    first = True
+
+    def sneaky(group: str, ts: list[pgq.Task]) -> pgq.Task:
+        nonlocal first
+        if first:
+            first = False
+            with psycopg.connect(dsn, autocommit=True) as other:
+                other.execute("DELETE FROM pgq.task WHERE id = %s", (int(ts[0].id or 0),))
+        return concat(group, ts)
+
+    h = make(sneaky, grace_period=3600, max_size=3)
+    client.enqueue_many([pgq.Task("item", i) for i in range(4)], queue=Q, group="g")
+    r = h.once()
+    assert r.tasks == 0 and r.contended == 1
+    assert aggregates(conn) == [] and len(tasks(conn, state="aggregating")) == 3
+    r = h.once()
+    assert r.tasks == 1 and aggregates(conn)[0]["payload"] == [1, 2, 3]
