@@ -279,3 +279,31 @@ FROM pgq.server s ORDER BY s.host, s.pid, s.id;
 SELECT * FROM pgq.task
 WHERE state = 'active' AND locked_by = ANY(%(servers)s::text[])
 ORDER BY started_at, id;
+
+-- name: metrics_queues
+-- returns: many
+-- The Prometheus exporter's per-queue gauges (estimates where large: see
+-- pgq.queue_stats in sql/views/dashboard.sql).
+SELECT * FROM pgq.queue_stats ORDER BY queue;
+
+-- name: metrics_groups
+-- returns: many
+-- Per queue: the oldest waiting group (from the aggregators' summary, a lower
+-- bound), groups whose last aggregation failed and wait for a retry, and their
+-- failed attempts. Index range scans per queue.
+SELECT q.name AS queue,
+       extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - o.oldest_at)::float8 AS oldest_age_seconds,
+       coalesce(f.failing, 0) AS failing, coalesce(f.errors, 0) AS errors
+FROM pgq.queue q
+LEFT JOIN LATERAL (
+    SELECT g.oldest_at FROM pgq.task_group g WHERE g.queue = q.name ORDER BY g.oldest_at LIMIT 1
+) o ON true
+LEFT JOIN LATERAL (
+    SELECT count(*) AS failing, sum(g.errors)::bigint AS errors
+    FROM pgq.task_group g WHERE g.queue = q.name AND g.retry_at IS NOT NULL
+) f ON true
+ORDER BY q.name;
+
+-- name: metrics_servers
+-- returns: many
+SELECT * FROM pgq.server_activity ORDER BY server_id;
