@@ -444,9 +444,7 @@ class Dashboard:
         return await run_in_threadpool(fn, *args, **kwargs)
 
     def render(self, request: Request, template: str, status: int = 200, **ctx: Any) -> HTMLResponse:
-        cookie = request.cookies.get(CSRF_COOKIE) or request.state.__dict__.get("new_csrf")
-        if not cookie:
-            cookie = new_csrf_cookie()
+        cookie = request.cookies.get(CSRF_COOKIE) or new_csrf_cookie()
         flash = None
         raw = request.cookies.get(FLASH_COOKIE)
         if raw and request.headers.get("x-pgq-refresh") is None:
