@@ -204,7 +204,7 @@ def test_task_bulk_commands(dsn: str, client: pgq.Client) -> None:
 
 
 def test_groups_and_members(dsn: str, client: pgq.Client) -> None:
-    """The tutorial's view of waiting members (SPEC-aggregation: `pgq task ls ... aggregating`, `pgq group ls`)."""
+    """The tutorial's view of waiting members (SPEC-aggregation: `pgq task ls`, `pgq group ls`)."""
     ids = [
         client.enqueue(pgq.Task("email", f"m{i}"), queue="tutorial", group="user1:email").id for i in range(3)
     ]
@@ -234,7 +234,8 @@ def test_groups_and_members(dsn: str, client: pgq.Client) -> None:
 def test_server_ls(dsn: str, client: pgq.Client, conn: psycopg.Connection[Any]) -> None:
     assert "no servers" in ok(dsn, "server", "ls")
     conn.execute(
-        "INSERT INTO pgq.server (id, host, pid, queues, concurrency) VALUES ('h:1:a', 'h', 1, '{\"q\": 1}', 4)"
+        "INSERT INTO pgq.server (id, host, pid, queues, concurrency) "
+        "VALUES ('h:1:a', 'h', 1, '{\"q\": 1}', 4)"
     )
     t = client.enqueue(pgq.Task("job", 7), queue="q")
     conn.execute(
