@@ -1,0 +1,70 @@
+"""The Inspector with a real pgq.Server: a member run by hand is processed on its own (G14),
+servers() shows the heartbeat and the active task, and cancel_task reaches the handler."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import pgq
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_member_run_by_hand_is_processed_alone_and_cancel_reaches_handler(dsn: str) -> None:
+    seen: list[tuple[str, Any]] = []
+    done = threading.Event()
+    started = threading.Event()
+    cancelled = threading.Event()
+
+    def email(task: pgq.Task) -> None:
+        seen.append((task.type, task.payload))
+        done.set()
+
+    async def slow(task: pgq.Task) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    mux = pgq.ServeMux()
+    mux.handle("email", email)
+    mux.handle("slow", slow)
+    with pgq.Client(dsn, notify_window=0) as client, pgq.Inspector(dsn) as insp:
+        member = client.enqueue(pgq.Task("email", "hi"), queue="q", group="g")  # no aggregator: waits
+        server = pgq.Server(dsn, queues={"q": 1}, concurrency=2, poll_interval=0.2)
+        server.start(mux)
+        try:
+            wait_for(lambda: len(insp.servers()) == 1)
+            assert insp.get_task_info("q", member.id).state == "aggregating"
+            insp.run_task("q", member.id)
+            assert done.wait(20)
+            assert seen == [("email", "hi")]
+            assert insp.groups("q") == []
+
+            slow_task = client.enqueue(pgq.Task("slow"), queue="q", max_retry=3)
+            assert started.wait(20)
+            wait_for(lambda: insp.get_task_info("q", slow_task.id).state == "active")
+            (srv,) = insp.servers()
+            assert [w.task_id for w in srv.active_workers] == [slow_task.id]
+            insp.cancel_task("q", slow_task.id)
+            assert cancelled.wait(20)
+            wait_for(lambda: insp.get_task_info("q", slow_task.id).state != "active")
+            info = insp.get_task_info("q", slow_task.id)
+            assert info.state in ("retry", "pending") and info.retried == 1
+        finally:
+            server.shutdown()
