@@ -266,7 +266,7 @@ def main() -> None:
     ap.add_argument("--latency-groups", type=int, default=100)
     ap.add_argument("--groups", type=int, default=10_000)
     ap.add_argument("--size", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--check-members", type=int, default=1_000_000)
     ap.add_argument("--check-groups", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=20)

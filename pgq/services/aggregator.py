@@ -186,6 +186,7 @@ class _Chunk:
     tasks: list[Task]
     result: Any = None  # a Task, an exception, or _NOT_RUN
     params: dict[str, Any] | None = None
+    member_ids: list[str] = field(default_factory=list)
 
 
 _NOT_RUN = object()
@@ -198,6 +199,23 @@ class _MembersChanged(Exception):
 
 class AggregatorTimeout(TimeoutError):
     """The group aggregator did not return within aggregate_timeout."""
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def _rows_json(chunks: Sequence[_Chunk]) -> str:
+    """The aggregated tasks of `chunks` as the JSON document group_insert_aggregates reads."""
+    rows = []
+    for c in chunks:
+        assert c.params is not None
+        row = {k: c.params[k][0] for k in _INSERT_COLUMNS}
+        row["members"] = c.member_ids
+        rows.append(row)
+    return json.dumps(rows, default=_json_default, separators=(",", ":"))
 
 
 def _is_async(func: Any) -> bool:
@@ -221,7 +239,7 @@ class Aggregator:
         *,
         schema: str = "pgq",
         worker_id: str,
-        batch_size: int = 500,
+        batch_size: int = 1000,
         chunk_limit: int = 10_000,
         aggregate_timeout: float = 30.0,
         poll_interval: float = 5.0,
@@ -230,6 +248,8 @@ class Aggregator:
         backoff_base: float = 1.0,
         backoff_max: float = 300.0,
         fold_limit: int = 10_000,
+        parallel: int = 2,
+        min_split: int = 50,
     ) -> None:
         if batch_size < 1 or chunk_limit < 1 or fold_limit < 1:
             raise ValueError("batch_size, chunk_limit and fold_limit must be >= 1")
@@ -249,6 +269,8 @@ class Aggregator:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.fold_limit = fold_limit
+        self.parallel = parallel
+        self.min_split = max(1, min_split)
         q = _sql.queries(schema)
         self._q_fold = q["group_fold_arrivals"]
         self._q_due = q["group_due"]
@@ -320,7 +342,13 @@ class Aggregator:
             await cur.execute(self._q_due, {**arrays, "limit": self.batch_size})
             due = await cur.fetchall()
             res.due = len(due)
-            if due:
+            if len(due) >= 2 * self.min_split and self.parallel > 1:
+                # Two or more batch transactions at once, each on its own connection:
+                # one runs Python (aggregators) while the other waits on the database.
+                n = min(self.parallel, len(due) // self.min_split)
+                parts = [due[i::n] for i in range(n)]
+                await asyncio.gather(*(self._aggregate_on_own_conn(p, now, res) for p in parts))
+            elif due:
                 await self._aggregate_batch(conn, due, now, res)
             if len(due) >= self.batch_size:
                 res.more = True
@@ -403,6 +431,14 @@ class Aggregator:
     def _cap(self, policy: ResolvedPolicy) -> int | None:
         s = policy.max_size
         return s * max(1, self.chunk_limit // s) if s else None
+
+    async def _aggregate_on_own_conn(
+        self, due: Sequence[dict[str, Any]], now: datetime | None, res: AggregationResult
+    ) -> None:
+        async with self._pool.connection() as conn:
+            await self._aggregate_batch(
+                conn, sorted(due, key=lambda d: (d["queue"], d["group_key"])), now, res
+            )
 
     async def _aggregate_batch(
         self,
@@ -689,7 +725,7 @@ class Aggregator:
                 stopped.add(id(g))
                 continue
             assert c.params is not None
-            c.params["members"] = [json.dumps([task_id_of(m) for m in c.rows])]
+            c.member_ids = [task_id_of(m) for m in c.rows]
             if c.params["task_id"][0] is not None or c.params["unique_ttl"][0] is not None:
                 # A conflict must fail this group only: insert it under a savepoint now.
                 if not await self._insert_one(conn, c):
@@ -699,11 +735,11 @@ class Aggregator:
             else:
                 bulk.append(c)
         if bulk:
-            params: dict[str, Any] = {k: [c.params[k][0] for c in bulk if c.params] for k in _INSERT_COLUMNS}
-            params["members"] = [c.params["members"][0] for c in bulk if c.params]
-            params["notify"] = sorted({c.group.queue for c in bulk})
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(self._q_insert, params)
+            await cur.execute(
+                self._q_insert,
+                {"rows": _rows_json(bulk), "notify": sorted({c.group.queue for c in bulk})},
+            )
             rows = await cur.fetchall()
             if len(rows) != len(bulk):
                 raise RuntimeError(f"aggregator: inserted {len(rows)} of {len(bulk)} aggregated tasks")
@@ -714,15 +750,12 @@ class Aggregator:
             if c in bulk or c in risky:
                 c.group.taken.extend(m["id"] for m in c.rows)
                 c.group.tasks += 1
-                created.append(
-                    Aggregate(c.group.queue, c.group.group, str(c.result), [task_id_of(m) for m in c.rows])
-                )
+                created.append(Aggregate(c.group.queue, c.group.group, str(c.result), c.member_ids))
         return created
 
     async def _insert_one(self, conn: psycopg.AsyncConnection[Any], c: _Chunk) -> bool:
         assert c.params is not None
-        params = dict(c.params)
-        params["notify"] = [c.group.queue]
+        params = {"rows": _rows_json([c]), "notify": [c.group.queue]}
         cur = conn.cursor(row_factory=dict_row)
         try:
             async with conn.transaction():
@@ -731,7 +764,7 @@ class Aggregator:
         except psycopg.errors.UniqueViolation:
             c.group.error = _describe(
                 TaskIDConflictError(
-                    f"the aggregated task's task_id {params['task_id'][0]!r} already exists in queue "
+                    f"the aggregated task's task_id {c.params['task_id'][0]!r} already exists in queue "
                     f"{c.group.queue!r}"
                 )
             )
