@@ -92,7 +92,7 @@ async def ack_many(
     """Apply a batch of outcomes in one statement; the ids whose fence held."""
     if not acks:
         return set()
-    cols = list(zip(*acks, strict=True))
+    cols = list(zip(*sorted(acks), strict=True))
     await cur.execute(
         q.ack,
         {
@@ -121,6 +121,7 @@ async def extend_leases(
     """Extend the leases of (id, attempt) pairs; the ids still owned."""
     if not owned:
         return set()
+    owned = sorted(owned)
     await cur.execute(
         q.extend,
         {"id": [o[0] for o in owned], "attempt": [o[1] for o in owned], "lease": lease, "now": now},

@@ -46,6 +46,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import inspect
+import json
 import logging
 import math
 import queue as queue_mod
@@ -59,6 +60,7 @@ from typing import Any
 import psycopg
 import psycopg_pool
 from psycopg.rows import tuple_row
+from psycopg.types.json import set_json_loads
 
 from pgq import tasks
 from pgq.errors import LeaseLost, SkipRetry
@@ -85,6 +87,14 @@ class TaskDeadlineExceeded(Exception):
 
 class TaskCancelled(Exception):
     """The task was cancelled (inspector cancel) while its handler ran."""
+
+
+class HandlerExit(Exception):
+    """An async handler raised SystemExit or KeyboardInterrupt (a handler failure)."""
+
+
+class UndecodableTaskError(SkipRetry):
+    """A claimed row no handler can take (undecodable payload, headers not an object): archived."""
 
 
 class HandlerNotFoundError(Exception):
@@ -258,6 +268,40 @@ async def _await(aw: Awaitable[Any]) -> Any:
     return await aw
 
 
+async def _guard(coro: Awaitable[Any]) -> Any:
+    """Run an async handler; SystemExit/KeyboardInterrupt raised by it fail the task instead of
+    stopping the event loop (and with it the whole worker process)."""
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise HandlerExit(f"the handler raised {type(exc).__name__}: {exc}") from exc
+
+
+class UndecodableJSON:
+    """A json/jsonb value that Python's json cannot load (written by SQL: a 5000-digit number, ...)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def __str__(self) -> str:
+        return self.error
+
+
+def safe_json_loads(data: str | bytes) -> Any:
+    """json.loads for the worker's connections: never raises while a claim's rows are read."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        return UndecodableJSON(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+async def configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Pool hook for the worker's connections (see safe_json_loads)."""
+    set_json_loads(safe_json_loads, conn)
+
+
 class Worker:
     """Claims, runs and acknowledges tasks; see the module docstring."""
 
@@ -281,6 +325,8 @@ class Worker:
         self._wake = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._flush_wanted = asyncio.Event()
+        self._flushed = asyncio.Event()
+        self._ack_backlog = max(1000, 4 * cfg.concurrency)
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
@@ -337,6 +383,11 @@ class Worker:
                     self._slot_free.clear()
                     await self._slot_free.wait()
                     continue
+                if len(self._acks) >= self._ack_backlog:
+                    # Outcomes are written slower than tasks finish: let the flusher catch up.
+                    self._flushed.clear()
+                    await self._flushed.wait()
+                    continue
                 self._wake.clear()
                 try:
                     if conn is None:
@@ -382,6 +433,18 @@ class Worker:
                     await self._sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
+                except Exception:
+                    # Never let the claimer die: a dead claimer leaves a live process that claims nothing.
+                    logger.exception(
+                        "claimer: unexpected error; retrying in %.2fs",
+                        backoff,
+                        extra={"action": "claim_error"},
+                    )
+                    await self._drop(conn)
+                    conn = None
+                    await self._sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
                 if rows:
                     busy_backoff = 0.005
                 timeout = cfg.poll_interval
@@ -412,6 +475,7 @@ class Worker:
         self._stopping = True
         self._wake.set()
         self._slot_free.set()
+        self._flushed.set()
 
     # ---------------------------------------------------------------- running
 
@@ -431,7 +495,16 @@ class Worker:
             deadline,
             remaining,
         ) = row
-        task = Task(type_, payload, headers=headers)
+        # A row written by SQL may hold what no handler can take (R19): fail it, never the claimer.
+        bad: Exception | None = None
+        if isinstance(payload, UndecodableJSON) or isinstance(headers, UndecodableJSON):
+            what = payload if isinstance(payload, UndecodableJSON) else headers
+            bad = UndecodableTaskError(f"the stored payload or headers cannot be decoded: {what}")
+            payload, headers = None, None
+        try:
+            task = Task(type_, payload, headers=headers)
+        except Exception as exc:
+            task, bad = Task(type_, payload), UndecodableTaskError(f"the stored task is invalid: {exc}")
         task._id = task_id if task_id is not None else str(pk)
         task._queue = queue
         task._group = group
@@ -444,6 +517,9 @@ class Worker:
         self.running[pk] = job
         self._idle.clear()
         self.claimed += 1
+        if bad is not None:
+            self._finish_err(job, bad)
+            return
         if remaining <= 0:
             self._finish_err(job, TaskDeadlineExceeded("task deadline exceeded"))
             return
@@ -460,7 +536,7 @@ class Worker:
         if is_async:
             try:
                 coro = fn(task)
-                fut = loop.create_task(coro)
+                fut = loop.create_task(_guard(coro))
             except Exception as exc:
                 self._call_error_handler(task, exc)
                 self._finish_err(job, exc)
@@ -633,6 +709,7 @@ class Worker:
                     done, conn = await self._write(batch[i : i + n], conn)
                     applied |= done
                 self._report(batch, applied, waiters)
+                self._flushed.set()
         finally:
             if conn is not None:
                 await self.pool.putconn(conn)

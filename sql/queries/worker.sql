@@ -71,23 +71,35 @@ WHERE NOT EXISTS (SELECT 1 FROM pgq.queue p WHERE p.name = q.name AND p.paused);
 --   archive  'archived' (retries spent, or SkipRetry);
 --   requeue  back to 'pending' now, no retry counted (graceful shutdown);
 --   result   only write the result (task.result_writer.write), state unchanged.
--- result (JSON text or NULL) is written with any kind. Rows not fenced
+-- result (JSON text or NULL) is written with any kind. The input must be
+-- ordered by id. Rows not fenced
 -- (another attempt owns the task, or it is no longer active) are left alone;
 -- the ids returned are those applied. processed/failed counts go to
 -- stat_daily (on the database's current date, as the inspector reads it):
 -- done counts processed; retry/archive with failed count processed and failed.
-WITH input AS (
-    SELECT i.id, i.attempt, i.kind, i.delay, i.error, i.result::jsonb AS result, i.failed
+WITH owned AS MATERIALIZED (
+    -- Lock the fenced rows, driven by the input (ordered by id, so concurrent
+    -- writers of one worker lock in the same order). `(state = 'active') IS
+    -- TRUE` keeps the planner on the primary key (it cannot use the partial
+    -- index on active rows, whose statistics lag during a drain).
+    SELECT t.id, t.queue, t.unique_key, t.retention, i.kind, i.delay, i.error,
+           i.result::jsonb AS result, i.failed
     FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(kind)s::text[], %(delay)s::float8[],
                 %(error)s::text[], %(result)s::text[], %(failed)s::bool[])
          AS i(id, attempt, kind, delay, error, result, failed)
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.queue, t.unique_key, t.retention FROM pgq.task t
+        WHERE t.id = i.id AND t.attempt = i.attempt AND (t.state = 'active') IS TRUE
+        FOR UPDATE
+    ) t
+),
+changed AS MATERIALIZED (
+    SELECT * FROM owned WHERE NOT (kind = 'done' AND retention IS NULL)
 ),
 deleted AS (
     DELETE FROM pgq.task t
-    USING input i
-    WHERE t.id = i.id AND t.attempt = i.attempt AND t.state = 'active'
-      AND i.kind = 'done' AND t.retention IS NULL
-    RETURNING t.id, t.queue, t.unique_key, i.kind, i.failed
+    WHERE t.id = ANY(ARRAY(SELECT id FROM owned WHERE kind = 'done' AND retention IS NULL))
+    RETURNING t.id, t.queue, t.unique_key, 'done'::text AS kind, false AS failed
 ),
 updated AS (
     UPDATE pgq.task t
@@ -109,9 +121,8 @@ updated AS (
         result = coalesce(i.result, t.result),
         lease_expires_at = CASE WHEN i.kind = 'result' THEN t.lease_expires_at END,
         locked_by = CASE WHEN i.kind = 'result' THEN t.locked_by END
-    FROM input i
-    WHERE t.id = i.id AND t.attempt = i.attempt AND t.state = 'active'
-      AND NOT (i.kind = 'done' AND t.retention IS NULL)
+    FROM changed i
+    WHERE t.id = ANY(ARRAY(SELECT id FROM changed)) AND t.id = i.id
     RETURNING t.id, t.queue, t.unique_key, i.kind, i.failed
 ),
 finished AS (
@@ -139,10 +150,19 @@ SELECT id FROM finished;
 -- returns: many
 -- The heartbeat: extend the leases of this worker's running tasks, fenced on
 -- (id, attempt, active). Returns the ids still owned; the others are lost.
+-- Locks in id order (the input must be sorted), as task_ack_many does.
+WITH owned AS MATERIALIZED (
+    SELECT t.id
+    FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) AS i(id, attempt)
+    CROSS JOIN LATERAL (
+        SELECT t.id FROM pgq.task t
+        WHERE t.id = i.id AND t.attempt = i.attempt AND (t.state = 'active') IS TRUE
+        FOR UPDATE
+    ) t
+)
 UPDATE pgq.task t
 SET lease_expires_at = coalesce(%(now)s::timestamptz, now()) + %(lease)s * interval '1 second'
-FROM unnest(%(id)s::bigint[], %(attempt)s::int[]) AS i(id, attempt)
-WHERE t.id = i.id AND t.attempt = i.attempt AND t.state = 'active'
+WHERE t.id = ANY(ARRAY(SELECT id FROM owned))
 RETURNING t.id;
 
 -- name: server_heartbeat
