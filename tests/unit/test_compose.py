@@ -6,6 +6,7 @@ locally with the exact `pgq worker` command line."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -18,7 +19,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from psycopg.conninfo import conninfo_to_dict
 
@@ -77,15 +77,17 @@ def split(argv: list[str]) -> tuple[list[str], list[str]]:
 def test_compose_file_has_the_services_the_docs_name() -> None:
     data = compose()
     services = data["services"]
-    assert {"postgres", "migrate", "worker", "client", "pgq"} <= set(services)
+    assert {"postgres", "migrate", "worker", "metrics", "client", "pgq"} <= set(services)
     pg = services["postgres"]
     assert pg["image"].startswith("postgres:")
     assert "pg_isready" in pg["healthcheck"]["test"]
     worker = services["worker"]
     assert worker["command"][:2] == ["pgq", "worker"]
     assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
-    port = worker["command"][worker["command"].index("--metrics-port") + 1]
-    assert any(str(p).endswith(f":{port}:{port}") for p in worker["ports"]), worker["ports"]
+    metrics = services["metrics"]
+    assert metrics["command"][:2] == ["pgq", "metrics"]
+    port = metrics["command"][metrics["command"].index("--port") + 1]
+    assert any(str(p).endswith(f":{port}:{port}") for p in metrics["ports"]), metrics["ports"]
     # every service reaching PostgreSQL uses the credentials the postgres service creates
     env = pg["environment"]
     for name, svc in services.items():
@@ -114,18 +116,13 @@ def test_inline_dockerfile_copies_files_that_exist() -> None:
 
 def test_every_pgq_command_exists_with_its_options() -> None:
     commands = pgq_commands()
-    assert len(commands) >= 3, commands  # migrate, worker, the pgq tool
-    missing_metrics = "--metrics-port" not in pgq_help("worker").stdout
+    assert len(commands) >= 4, commands  # migrate, worker, metrics, the pgq tool
     for argv in commands:
         cmd, options = split(argv)
         res = pgq_help(*cmd)
         assert cmd and res.returncode == 0, f"{argv}: `pgq {' '.join(cmd)} --help` failed: {res.stderr}"
         for opt in options:
-            if opt == "--metrics-port" and missing_metrics:
-                continue  # checked (and skipped, saying so) below
             assert opt in res.stdout, f"{argv}: `pgq {' '.join(cmd)}` has no option {opt}"
-    if missing_metrics:
-        pytest.skip("`pgq worker --metrics-port` is not implemented yet; docker-compose.yml uses it")
 
 
 def test_the_check_can_fail() -> None:
@@ -159,13 +156,10 @@ def test_worker_service_runs_the_tutorial_locally(dsn: str, tmp_path: Path) -> N
     target = Path(worker["configs"][0]["target"])
     (tmp_path / target.name).write_text(module)
     argv = list(worker["command"])
+    metrics_argv = list(data["services"]["metrics"]["command"])
     port = _free_port()
-    metrics = "--metrics-port" in pgq_help("worker").stdout
-    i = argv.index("--metrics-port")
-    if metrics:
-        argv[i + 1] = str(port)
-    else:
-        del argv[i : i + 2]  # not implemented yet: run the rest of the command
+    metrics_argv[metrics_argv.index("--port") + 1] = str(port)
+    metrics_argv[metrics_argv.index("--addr") + 1] = "127.0.0.1"
     env = {
         **os.environ,
         **{k: str(v) for k, v in worker["environment"].items()},
@@ -194,6 +188,12 @@ def test_worker_service_runs_the_tutorial_locally(dsn: str, tmp_path: Path) -> N
         stderr=subprocess.STDOUT,
         text=True,
     )
+    exporter = subprocess.Popen(
+        [sys.executable, "-m", "pgq", *metrics_argv[1:]],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with pgq.Inspector(dsn) as insp:
             deadline = time.monotonic() + 60
@@ -201,10 +201,16 @@ def test_worker_service_runs_the_tutorial_locally(dsn: str, tmp_path: Path) -> N
                 assert proc.poll() is None, proc.communicate()[0]
                 assert time.monotonic() < deadline, "the tutorial group was not handled within 60 s"
                 time.sleep(0.1)
-        if metrics:
-            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-            assert "pgq" in body
+        body = ""
+        while 'pgq_processed_total{queue="tutorial"} 1.0' not in body:
+            assert exporter.poll() is None, "pgq metrics exited"
+            assert time.monotonic() < deadline, f"no tutorial metrics within 60 s:\n{body}"
+            with contextlib.suppress(OSError):
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            time.sleep(0.1)
     finally:
+        exporter.send_signal(signal.SIGTERM)
+        exporter.wait(timeout=30)
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=30)[0]
     assert "Aggregating 2 tasks from group example-group" in out, out
