@@ -854,3 +854,16 @@ def test_member_changed_during_aggregation_rolls_the_batch_back(
     assert aggregates(conn) == [] and len(tasks(conn, state="aggregating")) == 3
     r = h.once()
     assert r.tasks == 1 and aggregates(conn)[0]["payload"] == [1, 2, 3]
+
+
+def test_big_rounds_run_two_batch_transactions_at_once(
+    make: Callable[..., Harness], client: pgq.Client, conn: psycopg.Connection[Any]
+) -> None:
+    h = make(grace_period=3600, max_size=2, harness_kw={"min_split": 20})
+    for g in range(60):
+        client.enqueue_many([pgq.Task("item", f"{g}:{i}") for i in range(3)], queue=Q, group=f"g{g}")
+    r = h.once()
+    assert (r.due, r.tasks, r.members, r.failed, r.contended) == (60, 60, 120, 0, 0)
+    payloads = [p for a in aggregates(conn) for p in a["payload"]]
+    assert len(payloads) == len(set(payloads)) == 120
+    assert len(tasks(conn, state="aggregating")) == 60 and [s["size"] for s in summary(conn)] == [1] * 60
