@@ -14,6 +14,8 @@ Design:
   the worker answers it with an immediate claim poll; a polling floor covers
   the rest. A lost listener delays nothing by more than reconnect + one poll.
 - Reconnects back off exponentially with jitter (0.05 s doubling to 5 s).
+- The keepalive stays under a third of the session's `idle_session_timeout`,
+  so an operator's idle timeout never kills a quiet listener (R14).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Listener:
         self.handlers = list(handlers)
         self.on_reconnect = on_reconnect
         self.keepalive = keepalive
+        self._keepalive = keepalive
         self.backoff_max = backoff_max
         #: Set while LISTEN is in place (a test signal, also used to report readiness).
         self.listening = asyncio.Event()
@@ -94,6 +97,14 @@ class Listener:
         conn = self._conn = await db.connect_async(self.dsn, "listener", autocommit=True)
         for ch in self.channels:
             await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(ch)))
+        # A quiet listener is an idle session: keep alive well within the server's
+        # idle_session_timeout (set by an operator for the role or database), or it is killed.
+        cur = await conn.execute(
+            "SELECT extract(epoch FROM current_setting('idle_session_timeout')::interval)::float8 AS s"
+        )
+        row = await cur.fetchone()
+        idle = float(row["s"]) if row and row["s"] else 0.0
+        self._keepalive = min(self.keepalive, idle / 3) if idle > 0 else self.keepalive
         self.connects += 1
         self.listening.set()
         logger.debug("listener: listening on %s", self.channels, extra={"action": "listener_up"})
@@ -115,7 +126,7 @@ class Listener:
             stopper.cancel()
 
     async def _read(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        async for n in conn.notifies(timeout=self.keepalive):
+        async for n in conn.notifies(timeout=self._keepalive):
             for h in self.handlers:
                 try:
                     h(n.channel, n.payload)

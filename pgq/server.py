@@ -45,7 +45,7 @@ from pgq.scheduler import Scheduler
 from pgq.services.cleaner import Cleaner, CleanerConfig
 from pgq.services.recoverer import Recoverer, RecovererConfig
 from pgq.task import Task, check_name, parse_duration
-from pgq.worker import Worker, WorkerConfig
+from pgq.worker import Worker, WorkerConfig, configure_connection
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +256,7 @@ class Server:
             min_size=2,
             max_size=6,
             kwargs={"autocommit": True, "prepare_threshold": 2},
+            configure=configure_connection,
             open=False,
             name="pgq-worker",
         )

@@ -1,0 +1,232 @@
+"""R10: the LISTEN backend is terminated: tasks are still picked up promptly.
+R14: timeouts and an ACCESS EXCLUSIVE lock held by another session: no crash
+loop, work resumes. R19: poison tasks: workers survive, healthy tasks are not lost."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgq
+from tests.fault.chaos import (
+    Chaos,
+    backends,
+    ledger,
+    lost,
+    percentile,
+    pgq_idle_in_tx,
+    report,
+    size,
+    states,
+    wait_for,
+    wait_ready,
+)
+
+pytestmark = pytest.mark.fault
+
+
+def _dbname(dsn: str) -> str:
+    return str(psycopg.conninfo.conninfo_to_dict(dsn)["dbname"])
+
+
+def _pickups(dsn: str, ids: list[int]) -> list[float]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return [
+            r[0]
+            for r in c.execute(
+                "SELECT extract(epoch FROM min(l.at) - t.enqueued_at)::float8 FROM pgq.task t "
+                "JOIN chaos.exec_log l ON l.task_pk = t.id WHERE t.id = ANY(%s) GROUP BY t.id, t.enqueued_at",
+                (ids,),
+            )
+        ]
+
+
+def test_r10_listener_backend_terminated(fdb: str, admin_dsn: str, workers: Any, chaos: Chaos) -> None:
+    env = {"FAULT_POLL": "60", "FAULT_CONCURRENCY": "8"}
+    procs = [workers(env) for _ in range(2)]
+    wait_ready(fdb, procs)
+    db = _dbname(fdb)
+    wait_for(lambda: backends(admin_dsn, "pgq:listener:%", db) == 2, 10, "two listeners")
+    cycles, per_cycle = size(3, 50), size(50, 1000)
+    pickups: list[float] = []
+    all_ids: list[int] = []
+    with pgq.Client(fdb) as client:
+        for _ in range(cycles):
+            assert chaos.terminate("pgq:listener:%") == 2
+            ids = [int(i.id) for i in client.enqueue_many([pgq.Task("work", {})] * per_cycle, retention=3600)]
+            all_ids += ids
+            wait_for(lambda ids=ids: lost(fdb, ids) == 0, 30, "the tasks enqueued during the reconnect gap")
+            pickups += _pickups(fdb, ids)
+            wait_for(lambda: backends(admin_dsn, "pgq:listener:%", db) == 2, 10, "listeners re-established")
+    listeners = backends(admin_dsn, "pgq:listener:%", db)
+    line = report(
+        "R10",
+        cycles=cycles,
+        tasks=len(all_ids),
+        missed=lost(fdb, all_ids),
+        pickup_p99_s=percentile(pickups, 99),
+        pickup_max_s=round(max(pickups), 3),
+        listeners_after=listeners,
+        poll_interval_s=60,
+        workers_alive=sum(p.alive() for p in procs),
+    )
+    assert line["missed"] == 0
+    assert line["pickup_max_s"] < 5  # reconnect backoff + one re-poll, not the 60 s poll
+    assert listeners == 2 and line["workers_alive"] == 2
+
+
+def test_r14_timeouts_and_table_lock(fdb: str, admin_dsn: str, workers: Any, chaos: Chaos) -> None:
+    db = _dbname(fdb)
+    with psycopg.connect(admin_dsn, autocommit=True) as a:
+        a.execute(
+            f"ALTER DATABASE \"{db}\" SET statement_timeout = '2s'; "
+            f"ALTER DATABASE \"{db}\" SET idle_in_transaction_session_timeout = '2s'; "
+            f"ALTER DATABASE \"{db}\" SET idle_session_timeout = '4s'"
+        )
+    env = {"FAULT_CONCURRENCY": "4", "FAULT_LEASE": "10", "FAULT_AGG_QUEUE": "agg"}
+    procs = [workers(env) for _ in range(2)]
+    wait_ready(fdb, procs)
+    n = size(600, 20_000)
+    with pgq.Client(fdb) as client:
+        ids = [int(i.id) for i in client.enqueue_many([pgq.Task("work", {"ms": 50})] * n, retention=3600)]
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sampler() -> None:
+        while not stop.wait(0.2):
+            rows = pgq_idle_in_tx(admin_dsn, 0.0)
+            samples.append(max((r["age"].total_seconds() for r in rows), default=0.0))
+
+    s = threading.Thread(target=sampler)
+    s.start()
+    episodes, hold = size(1, 5), size(4.0, 15.0)
+    recovery: list[float] = []
+    log_lines: list[int] = []
+    try:
+        for _ in range(episodes):
+            time.sleep(1.0)
+            before = [p.log().count("\n") for p in procs]
+            with psycopg.connect(fdb) as locker:  # a migration holding the table
+                locker.execute("SET idle_in_transaction_session_timeout = 0")
+                locker.execute("SET statement_timeout = 0")
+                locker.execute("LOCK TABLE pgq.task IN ACCESS EXCLUSIVE MODE")
+                chaos.record("lock_table", hold=hold)
+                time.sleep(hold)
+                with psycopg.connect(fdb, autocommit=True) as c:
+                    t_release = c.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+            chaos.record("unlock_table")
+
+            def resumed(t: Any = t_release) -> Any:
+                with psycopg.connect(fdb, autocommit=True) as c:
+                    row = c.execute(
+                        "SELECT min(at) - %s FROM chaos.exec_log WHERE at > %s", (t, t)
+                    ).fetchone()
+                return row and row[0]
+
+            recovery.append(wait_for(resumed, 20, "work to resume after the lock").total_seconds())
+            log_lines.append(sum(p.log().count("\n") for p in procs) - sum(before))
+        wait_for(lambda: lost(fdb, ids) == 0, size(60, 900), "every task completed", interval=0.25)
+    finally:
+        stop.set()
+        s.join()
+    logs = "".join(p.log() for p in procs)
+    line = report(
+        "R14",
+        tasks=n,
+        lost=lost(fdb, ids),
+        dup=ledger(fdb)["dup"],
+        lock_episodes=episodes,
+        lock_hold_s=hold,
+        recovery_max_s=round(max(recovery), 3),
+        max_idle_in_tx_s=round(max(samples, default=0.0), 3),
+        log_lines_per_episode=max(log_lines),
+        listener_reconnects=logs.count("listener: connection lost"),
+        leader_lost=logs.count("lost the leader connection"),
+        tracebacks=logs.count("Traceback"),
+        workers_alive=sum(p.alive() for p in procs),
+    )
+    assert line["lost"] == 0 and line["workers_alive"] == 2
+    assert line["recovery_max_s"] < 1.5
+    assert line["max_idle_in_tx_s"] < 2
+    assert line["dup"] == 0
+    assert line["listener_reconnects"] == 0 and line["leader_lost"] == 0
+    assert line["log_lines_per_episode"] <= 5 * 2 + 4
+
+
+POISON = [
+    # (what, type, payload SQL, headers SQL, timeout)
+    ("undecodable payload", "work", "('1' || repeat('0', 5000))::jsonb", "NULL", None),
+    ("headers not an object", "work", "'{}'::jsonb", "'\"x\"'::jsonb", None),
+    ("unknown type", "no-such-type", "'{}'::jsonb", "NULL", None),
+    ("hangs past its timeout", "hang", "'{}'::jsonb", "NULL", "1 second"),
+    ("async hangs past its timeout", "async_hang", "'{}'::jsonb", "NULL", "1 second"),
+    ("ends its thread (SystemExit)", "exit_thread", "'{}'::jsonb", "NULL", None),
+    ("SystemExit on the event loop", "async_exit", "'{}'::jsonb", "NULL", None),
+    ("raises", "boom", "'{}'::jsonb", "NULL", None),
+]
+
+
+def test_r19_poison_tasks(fdb: str, workers: Any) -> None:
+    conc = 4
+    procs = [
+        workers({"FAULT_CONCURRENCY": str(conc), "FAULT_LEASE": "3", "FAULT_RECOVER": "0.5"})
+        for _ in range(2)
+    ]
+    wait_ready(fdb, procs)
+    healthy_n = size(800, 20_000)
+    poison_ids: dict[int, str] = {}
+    with pgq.Client(fdb) as client, psycopg.connect(fdb, autocommit=True) as c:
+        healthy = [
+            int(i.id) for i in client.enqueue_many([pgq.Task("work", {})] * (healthy_n // 2), retention=3600)
+        ]
+        for what, typ, payload, headers, timeout in POISON * size(1, 20):
+            row = c.execute(
+                "INSERT INTO pgq.task (queue, type, payload, headers, state, max_retry, timeout) "  # noqa: S608
+                f"VALUES ('default', %s, {payload}, {headers}, 'pending', 1, %s::interval) RETURNING id",
+                (typ, timeout),
+            ).fetchone()
+            assert row is not None
+            poison_ids[row[0]] = what
+        healthy += [
+            int(i.id) for i in client.enqueue_many([pgq.Task("work", {})] * (healthy_n // 2), retention=3600)
+        ]
+        c.execute("NOTIFY pgq_wake, 'default'")
+        wait_for(lambda: lost(fdb, healthy) == 0, 60, "every healthy task completed", interval=0.25)
+        wait_for(
+            lambda: states(fdb, poison_ids).get("archived", 0) == len(poison_ids),
+            60,
+            "every poison task archived",
+            interval=0.25,
+        )
+        errors = {
+            poison_ids[r[0]]: r[1]
+            for r in c.execute("SELECT id, last_error FROM pgq.task WHERE id = ANY(%s)", (list(poison_ids),))
+        }
+        # Leaked slots: `conc` tasks of 0.6 s on one worker must run side by side.
+        t0 = time.monotonic()
+        burst = [
+            int(i.id) for i in client.enqueue_many([pgq.Task("work", {"ms": 600})] * conc * 2, retention=3600)
+        ]
+        wait_for(lambda: lost(fdb, burst) == 0, 30, "the slot burst")
+        burst_s = time.monotonic() - t0
+    line = report(
+        "R19",
+        healthy=len(healthy),
+        healthy_lost=lost(fdb, healthy),
+        poison=len(poison_ids),
+        poison_archived=states(fdb, poison_ids).get("archived", 0),
+        worker_exits=sum(not p.alive() for p in procs),
+        burst_s=round(burst_s, 3),
+        errors={k: (v or "")[:80] for k, v in errors.items()},
+    )
+    assert line["worker_exits"] == 0, [p.log()[-3000:] for p in procs if not p.alive()]
+    assert line["healthy_lost"] == 0
+    assert line["poison_archived"] == len(poison_ids)
+    assert all(errors.values()), errors
+    assert burst_s < 0.6 * 2 + 2.5, "slots leaked: the burst did not run in parallel"
+    assert not re.search(r"lease lost|lease expired", "".join(p.log() for p in procs)), "healthy leases lost"
