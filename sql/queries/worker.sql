@@ -14,7 +14,7 @@
 -- The returned deadline is the effective one: started + timeout or deadline,
 -- whichever is first, and 30 minutes when neither is set (as Asynq).
 WITH picked AS MATERIALIZED (
-    SELECT c.id
+    SELECT c.id, q.ord
     FROM unnest(%(queues)s::text[]) WITH ORDINALITY AS q(name, ord)
     CROSS JOIN LATERAL (
         SELECT t.id FROM pgq.task t
@@ -27,25 +27,27 @@ WITH picked AS MATERIALIZED (
         FOR UPDATE OF t SKIP LOCKED
     ) c
     LIMIT %(limit)s
-)
-UPDATE pgq.task t
-SET state = 'active',
-    attempt = t.attempt + 1,
-    locked_by = %(worker_id)s,
-    started_at = coalesce(%(now)s::timestamptz, now()),
-    lease_expires_at = coalesce(%(now)s::timestamptz, now()) + %(lease)s * interval '1 second'
-FROM picked
-WHERE t.id = picked.id
-RETURNING t.id, t.task_id, t.queue, t.type, t.payload, t.headers, t.group_key, t.retried,
-          t.max_retry, t.attempt, t.enqueued_at,
-          CASE WHEN t.timeout IS NULL AND t.deadline IS NULL
-               THEN t.started_at + interval '30 minutes'
-               ELSE least(t.started_at + t.timeout, t.deadline) END AS deadline,
-          extract(epoch FROM
+),
+claimed AS (
+    UPDATE pgq.task t
+    SET state = 'active',
+        attempt = t.attempt + 1,
+        locked_by = %(worker_id)s,
+        started_at = coalesce(%(now)s::timestamptz, now()),
+        lease_expires_at = coalesce(%(now)s::timestamptz, now()) + %(lease)s * interval '1 second'
+    FROM picked
+    WHERE t.id = picked.id
+    RETURNING picked.ord, t.run_at, t.id, t.task_id, t.queue, t.type, t.payload, t.headers, t.group_key,
+              t.retried, t.max_retry, t.attempt, t.enqueued_at,
               CASE WHEN t.timeout IS NULL AND t.deadline IS NULL
                    THEN t.started_at + interval '30 minutes'
-                   ELSE least(t.started_at + t.timeout, t.deadline) END
-              - t.started_at)::float8 AS remaining;
+                   ELSE least(t.started_at + t.timeout, t.deadline) END AS deadline,
+              t.started_at
+)
+SELECT id, task_id, queue, type, payload, headers, group_key, retried, max_retry, attempt, enqueued_at,
+       deadline, extract(epoch FROM deadline - started_at)::float8 AS remaining
+FROM claimed
+ORDER BY ord, run_at, id;
 
 -- name: task_next_due
 -- returns: one
