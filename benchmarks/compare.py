@@ -50,7 +50,10 @@ DEFAULT_DSN = "postgresql://root@127.0.0.1:5432/postgres"
 VENV_REQUIREMENTS: dict[str, list[str]] = {
     "pgqueuer": ["pgqueuer==1.6.0", "psycopg[binary]>=3.2", "asyncpg>=0.29"],
     "procrastinate": ["procrastinate==3.10.0", "psycopg[binary]>=3.2", "psycopg-pool>=3.2"],
+    "oban": ["oban==0.7.0", "psycopg[binary]>=3.2"],
 }
+#: Interpreter for a peer environment when the peer needs a newer Python than pgq's.
+VENV_PYTHON: dict[str, tuple[int, int]] = {"oban": (3, 12)}
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,24 @@ SYSTEMS: list[System] = [
         settings="`AsyncpgDriver(asyncpg.connect())`; otherwise as above",
     ),
     System(
+        "pgqueuer-b100",
+        "PGQueuer (psycopg, batch_size=100)",
+        "pgqueuer_bench.py",
+        venv="pgqueuer",
+        args=("--driver", "psycopg", "--batch-size", "100"),
+        workloads=frozenset({"drain1", "drain2"}),
+        settings="as PGQueuer (psycopg) with `run(batch_size=100)`: the claim size pgq runs with",
+    ),
+    System(
+        "oban",
+        "Oban for Python",
+        "oban_bench.py",
+        venv="oban",
+        workloads=frozenset({"enqueue", "bulk", "drain1", "drain2", "latency"}),
+        settings='`Oban.create_pool(dsn)` (default pool), `Oban(pool, queues={"default": 100})` (the '
+        "queue limit is its claim size and concurrency), `@job` async function; `enqueue` / `enqueue_many`",
+    ),
+    System(
         "procrastinate",
         "Procrastinate",
         "procrastinate_bench.py",
@@ -129,7 +150,7 @@ SYSTEMS: list[System] = [
     ),
 ]
 SYSTEM_BY_KEY = {s.key: s for s in SYSTEMS}
-PEER_ORDER = ["pgqueuer", "pgqueuer-asyncpg", "procrastinate"]
+PEER_ORDER = ["pgqueuer", "pgqueuer-asyncpg", "pgqueuer-b100", "oban", "procrastinate"]
 
 
 @dataclass(frozen=True)
@@ -217,37 +238,57 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def ensure_venv(name: str) -> None:
+def find_python(minimum: tuple[int, int]) -> str | None:
+    """An interpreter of at least `minimum`: this one, one on PATH, or a pyenv install."""
+    if sys.version_info[:2] >= minimum:
+        return sys.executable
+    candidates = [shutil.which(f"python3.{m}") for m in range(minimum[1], 20)]
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    if pyenv.is_dir():
+        candidates += [str(p / "bin" / "python") for p in sorted(pyenv.iterdir(), reverse=True)]
+    for c in candidates:
+        if not c or not Path(c).exists():
+            continue
+        r = subprocess.run(
+            [c, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True, text=True
+        )
+        parts = r.stdout.split()
+        if r.returncode == 0 and len(parts) == 2 and (int(parts[0]), int(parts[1])) >= minimum:
+            return c
+    return None
+
+
+def ensure_venv(name: str) -> str | None:
+    """Create or reuse the peer's virtualenv; returns why it cannot be had, or None."""
     reqs = VENV_REQUIREMENTS[name]
     path = VENVS / name
     marker = path / ".pgq-bench-requirements"
     want = "\n".join(reqs) + "\n"
     if marker.exists() and marker.read_text() == want and (path / "bin" / "python").exists():
-        return
+        return None
+    base: str | None = sys.executable
+    if name in VENV_PYTHON:
+        base = find_python(VENV_PYTHON[name])
+        if base is None:
+            v = ".".join(map(str, VENV_PYTHON[name]))
+            return f"{name} needs Python >= {v} and none was found (PATH, pyenv)"
     log(f"[setup] creating {path} with {' '.join(reqs)}")
     if path.exists():
         shutil.rmtree(path)
-    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-    subprocess.run(
-        [
-            str(path / "bin" / "python"),
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            *reqs,
-        ],
-        check=True,
-    )
+    subprocess.run([base, "-m", "venv", str(path)], check=True)
+    pip = [str(path / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    r = subprocess.run([*pip, *reqs])
+    if r.returncode != 0:
+        return f"pip install {' '.join(reqs)} failed (rc={r.returncode})"
     marker.write_text(want)
+    return None
 
 
 def versions(system: System) -> str:
     code = (
         "import importlib.metadata as m, sys\n"
         "out=[]\n"
-        "for d in ('pgq-jobs','pgqueuer','procrastinate','psycopg','psycopg-pool','asyncpg'):\n"
+        "for d in ('pgq-jobs','pgqueuer','procrastinate','oban','psycopg','psycopg-pool','asyncpg'):\n"
         "    try: out.append(d+' '+m.version(d))\n"
         "    except m.PackageNotFoundError: pass\n"
         "print(', '.join(out) + ', Python ' + sys.version.split()[0])\n"
@@ -617,12 +658,19 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         log("run compare.py with pgq's interpreter (pip install -e . first)")
         return 2
+    unavailable: dict[str, str] = {}
     for name in sorted({s.venv for s in systems if s.venv}):
-        ensure_venv(name)
+        why = ensure_venv(name)
+        if why:
+            log(f"[setup] skipping {name}: {why}")
+            unavailable[name] = why
+    systems = [s for s in systems if s.venv not in unavailable]
 
     run = run_all(args, systems, workloads, sizes)
     body = report(run, systems, workloads, sizes, args)
     header = f"Machine: {machine()}; {pg_description(args.dsn)}.\n\n"
+    for name, why in unavailable.items():
+        header += f"Not measured: {name}: {why}.\n\n"
     text = header + body
     RESULTS.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -26,6 +26,7 @@ NOOP = json.dumps({"t": None}).encode()
 
 def extra(p) -> None:
     p.add_argument("--driver", dest="x_driver", default="psycopg", choices=["psycopg", "asyncpg"])
+    p.add_argument("--batch-size", dest="x_batch_size", type=int, default=10)
 
 
 async def driver(dsn: str, kind: str):
@@ -71,7 +72,7 @@ async def worker(args) -> None:
             marks.hit(None)
 
     c.ready()
-    await qm.run()
+    await qm.run(batch_size=args.x_batch_size)
 
 
 async def amain(args) -> None:
