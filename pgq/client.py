@@ -349,6 +349,17 @@ def one_row_query(query: LiteralString) -> LiteralString:
     return _ARRAY_PARAM.sub(r"ARRAY[%(\1)s::\2]", query)
 
 
+class _Queries:
+    _q_one: LiteralString
+    _q_plain: LiteralString
+
+    def _single_query(self, params: dict[str, Any]) -> LiteralString:
+        """The statement for one task: the slim one unless it needs a group or a unique lock."""
+        if params["group_key"][0] is None and params["unique_ttl"][0] is None:
+            return self._q_plain
+        return self._q_one
+
+
 def _scalars(params: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if k == "notify" else v[0]) for k, v in params.items()}
 
@@ -409,7 +420,7 @@ class _TrailingNotifier:
             thread.join(5)
 
 
-class Client:
+class Client(_Queries):
     """Enqueues tasks. Thread-safe; share one per process.
 
     Client(dsn) owns a small connection pool; Client(pool=...) uses yours.
@@ -426,6 +437,7 @@ class Client:
         self._schema = _sql.check_schema(schema)
         self._q = _sql.query("task_enqueue", schema)
         self._q_one = one_row_query(self._q)
+        self._q_plain = _sql.query("task_enqueue_plain", schema)
         self._q_notify = _sql.query("task_notify", schema)
         self._own_pool = pool is None
         self._pool = pool if pool is not None else db.pool(db.resolve_dsn(dsn), "client", max_size=8)
@@ -499,7 +511,7 @@ class Client:
         try:
             cur = conn.cursor(row_factory=psycopg.rows.dict_row)
             if len(params["queue"]) == 1:
-                return cur.execute(self._q_one, _scalars(params)).fetchall()
+                return cur.execute(self._single_query(params), _scalars(params)).fetchall()
             return cur.execute(self._q, params).fetchall()
         except psycopg.errors.UniqueViolation as exc:
             raise _map_error(exc, params) from None
@@ -527,7 +539,7 @@ class Client:
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(_Queries):
     """The asyncio twin of Client: the same methods, awaitable; conn= takes an AsyncConnection."""
 
     def __init__(
@@ -541,6 +553,7 @@ class AsyncClient:
         self._schema = _sql.check_schema(schema)
         self._q = _sql.query("task_enqueue", schema)
         self._q_one = one_row_query(self._q)
+        self._q_plain = _sql.query("task_enqueue_plain", schema)
         self._q_notify = _sql.query("task_notify", schema)
         self._dsn = None if pool is not None else db.resolve_dsn(dsn)
         self._pool = pool
@@ -633,7 +646,7 @@ class AsyncClient:
         try:
             cur = conn.cursor(row_factory=psycopg.rows.dict_row)
             if len(params["queue"]) == 1:
-                await cur.execute(self._q_one, _scalars(params))
+                await cur.execute(self._single_query(params), _scalars(params))
             else:
                 await cur.execute(self._q, params)
             return await cur.fetchall()
