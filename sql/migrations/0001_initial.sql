@@ -173,6 +173,7 @@ CREATE FUNCTION pgq.enqueue(
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+#variable_conflict use_column
 DECLARE
     v_now timestamptz := statement_timestamp();
     v_run timestamptz;
@@ -201,6 +202,18 @@ BEGIN
         RAISE EXCEPTION 'pgq.enqueue: task_id must not be all digits (reserved for generated ids)'
             USING ERRCODE = '22023';
     END IF;
+    IF task_id IS NOT NULL AND btrim(task_id) = '' THEN
+        RAISE EXCEPTION 'pgq.enqueue: task_id must not be blank' USING ERRCODE = '22023';
+    END IF;
+    IF process_in < interval '0' THEN
+        RAISE EXCEPTION 'pgq.enqueue: process_in must not be negative, got %', process_in USING ERRCODE = '22023';
+    END IF;
+    IF timeout <= interval '0' THEN
+        RAISE EXCEPTION 'pgq.enqueue: timeout must be positive, got %', timeout USING ERRCODE = '22023';
+    END IF;
+    IF retention < interval '0' THEN
+        RAISE EXCEPTION 'pgq.enqueue: retention must not be negative, got %', retention USING ERRCODE = '22023';
+    END IF;
     v_run := coalesce(v_now + process_in, process_at, v_now);
     v_state := CASE WHEN v_run > v_now THEN 'scheduled'
                     WHEN group_key IS NOT NULL THEN 'aggregating'
@@ -211,7 +224,13 @@ BEGIN
     VALUES (enqueue.task_id, enqueue.queue, enqueue.type, coalesce(enqueue.payload, 'null'::jsonb),
             enqueue.headers, v_state, enqueue.group_key, enqueue.max_retry, enqueue.timeout,
             enqueue.deadline, enqueue.retention, v_now, greatest(v_run, v_now))
+    ON CONFLICT (queue, task_id) WHERE task_id IS NOT NULL DO NOTHING
     RETURNING id INTO v_id;
+    IF v_id IS NULL THEN  -- only a task_id conflict skips the insert
+        RAISE EXCEPTION 'pgq.enqueue: a task with task_id % already exists in queue %',
+            quote_literal(enqueue.task_id), quote_literal(enqueue.queue)
+            USING ERRCODE = '23505', CONSTRAINT = 'task_task_id_idx';
+    END IF;
     IF v_state = 'aggregating' THEN
         INSERT INTO pgq.group_arrival (queue, group_key, size, oldest_at, newest_at)
         VALUES (enqueue.queue, enqueue.group_key, 1, v_now, v_now);
