@@ -15,6 +15,8 @@ One round (`run_once`)
 1. Fold: DELETE arrivals ... RETURNING, summed per group and upserted
    additively (size += n, oldest = least, newest = greatest). Commutative, so
    concurrent folders are safe; SKIP LOCKED splits arrivals between them.
+   After folding into ANALYZE_AFTER_GROUPS group rows, ANALYZE task_group
+   (best effort), so a freshly filled summary keeps its index plans.
 2. Due check on task_group only, one index range scan per rule (newest_at <=
    now - grace, oldest_at <= now - max_delay, size >= max_size), skipping
    groups backing off (retry_at > now). Its cost follows the due groups, not
@@ -122,6 +124,9 @@ from pgq.errors import DuplicateTaskError, TaskIDConflictError
 from pgq.task import Task, task_id_of
 
 logger = logging.getLogger(__name__)
+
+#: After folding arrivals into this many group rows, refresh task_group's statistics.
+ANALYZE_AFTER_GROUPS = 20_000
 
 _INSERT_COLUMNS = (
     "task_id",
@@ -282,6 +287,8 @@ class Aggregator:
         self._q_refresh = q["group_refresh"]
         self._q_record = q["group_record_error"]
         self._q_elect = q["group_leader_elect"]
+        self._q_analyze = q["group_analyze"]
+        self._folded_groups = 0
         self._leader_ns = f"{schema}:aggregate:"
         self._count_cap = max([1000] + [2 * p.max_size for p in self._policies.values() if p.max_size])
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -417,15 +424,23 @@ class Aggregator:
     # ------------------------------------------------------------------ rounds
 
     async def _fold(self, conn: psycopg.AsyncConnection[Any]) -> int:
-        total = 0
+        total = groups = 0
         cur = conn.cursor(row_factory=dict_row)
         for _ in range(100):
             await cur.execute(self._q_fold, {"limit": self.fold_limit})
             row = await cur.fetchone()
             n = row["arrivals"] if row else 0
             total += n
+            groups += row["groups"] if row else 0
             if n < self.fold_limit:
                 break
+        self._folded_groups += groups
+        if self._folded_groups >= ANALYZE_AFTER_GROUPS:
+            self._folded_groups = 0
+            try:
+                await conn.execute(self._q_analyze)
+            except psycopg.Error as exc:  # not the table owner: autovacuum will do it
+                logger.debug("aggregator: ANALYZE task_group failed: %s", exc)
         return total
 
     def _cap(self, policy: ResolvedPolicy) -> int | None:

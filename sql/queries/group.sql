@@ -90,7 +90,7 @@ CROSS JOIN LATERAL (
     SELECT (SELECT coalesce(%(now)s::timestamptz, now()) FROM pgq.task_group g
             WHERE g.queue = p.queue AND g.retry_at IS NULL AND p.max_size IS NOT NULL
               AND g.size >= p.max_size
-            LIMIT 1)
+            ORDER BY g.size DESC LIMIT 1)
     UNION ALL
     SELECT min(greatest(g.retry_at,
                         least(g.newest_at + p.grace * interval '1 second',
@@ -297,3 +297,10 @@ WHERE pg_try_advisory_lock(hashtext(%(ns)s || q.name), hashtext(q.name || %(ns)s
 SELECT q.name AS queue
 FROM unnest(%(queues)s::text[]) AS q(name)
 WHERE pg_advisory_unlock(hashtext(%(ns)s || q.name), hashtext(q.name || %(ns)s));
+
+-- name: group_analyze
+-- returns: none
+-- Refresh the planner's statistics of task_group after a large fold, so the
+-- due check and next-due lookups keep their index plans (a freshly filled
+-- table looks tiny to the planner until autovacuum analyzes it).
+ANALYZE pgq.task_group;
