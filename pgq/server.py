@@ -408,6 +408,10 @@ class Server:
             waiter = getattr(self, "_abort_waiter", None)
             if waiter is not None:
                 waiter.cancel()
+            # Whatever is still in progress (a flush against an unreachable database, a
+            # handler thread), the process ends soon: the recoverer handles the rest.
+            assert self._loop is not None
+            self._loop.call_later(2.0, os._exit, 1)
 
     async def _heartbeat_once(self, pool: psycopg_pool.AsyncConnectionPool[Any], status: str) -> None:
         q = _sql.query("server_heartbeat", self.schema)

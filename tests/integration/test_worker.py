@@ -484,3 +484,15 @@ def test_server_row_heartbeat(dsn: str, conn: Conn) -> None:
         assert {"worker", "listener"} <= names
     other = pgq.Server(dsn)
     assert other.worker_id != server.worker_id
+
+
+def test_completion_releases_the_unique_lock(dsn: str, conn: Conn, client: pgq.Client) -> None:
+    mux = pgq.ServeMux()
+    mux.handle("u", lambda task: None)
+    info = client.enqueue(pgq.Task("u", {"k": 1}), unique=3600)
+    with pytest.raises(pgq.DuplicateTaskError):
+        client.enqueue(pgq.Task("u", {"k": 1}), unique=3600)
+    with serving(pgq.Server(dsn), mux):
+        wait_for(lambda: gone(conn, info.id))
+    assert conn.execute("SELECT count(*) AS n FROM pgq.unique_lock").fetchone() == {"n": 0}
+    client.enqueue(pgq.Task("u", {"k": 1}), unique=3600)  # accepted again
