@@ -1,0 +1,162 @@
+"""`pgq migrate`: idempotent, safe when run concurrently, and equal to sql/schema.sql."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+import pgq
+import pgq.migrate
+from pgq import _sql
+
+
+def pgq_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pgq", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PGQ_DSN": ""},
+    )
+
+
+def versions(dsn: str, schema: str = "pgq") -> list[int]:
+    with psycopg.connect(dsn) as c:
+        return [r[0] for r in c.execute(f"SELECT version FROM {schema}.migration ORDER BY version")]  # noqa: S608
+
+
+def test_cli_migrate_is_idempotent(empty_db: str) -> None:
+    first = pgq_cli("migrate", "--dsn", empty_db)
+    assert first.returncode == 0, first.stderr
+    assert "applied 0001_initial" in first.stdout
+    second = pgq_cli("migrate", "--dsn", empty_db)
+    assert second.returncode == 0, second.stderr
+    assert "up to date" in second.stdout and "applied" not in second.stdout
+    third = pgq_cli("migrate", "--dsn", empty_db, "--json")
+    assert json.loads(third.stdout) == {"applied": []}
+    status = pgq_cli("migrate", "--dsn", empty_db, "--status", "--json")
+    st = json.loads(status.stdout)
+    assert st["pending"] == [] and st["applied"] == [m.version for m in pgq.migrate.available()]
+    assert versions(empty_db) == st["applied"]
+
+
+def test_status_before_migrating(empty_db: str) -> None:
+    assert pgq.migrate.status(empty_db) == {
+        "applied": [],
+        "pending": [m.version for m in pgq.migrate.available()],
+    }
+
+
+def test_concurrent_processes(empty_db: str) -> None:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pgq", "migrate", "--dsn", empty_db, "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    applied = sorted(len(json.loads(o[0])["applied"]) for o in outs)
+    assert applied == [0, len(pgq.migrate.available())]  # one runner did the work, the other found it done
+    assert versions(empty_db) == [m.version for m in pgq.migrate.available()]
+
+
+def test_concurrent_threads(empty_db: str) -> None:
+    results: list[Any] = []
+    barrier = threading.Barrier(3)
+
+    def work() -> None:
+        barrier.wait(10)
+        try:
+            results.append(len(pgq.migrate.migrate(empty_db)))
+        except Exception as exc:  # pragma: no cover - reported below
+            results.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == [0, 0, len(pgq.migrate.available())]
+
+
+def test_other_schema(empty_db: str) -> None:
+    ran = pgq.migrate.migrate(empty_db, schema="jobs")
+    assert [m.version for m in ran] == [m.version for m in pgq.migrate.available()]
+    assert versions(empty_db, "jobs") == [m.version for m in ran]
+    with psycopg.connect(empty_db, autocommit=True) as c:
+        assert c.execute("SELECT to_regclass('pgq.task')").fetchone() == (None,)
+        c.execute("LISTEN jobs_wake")
+        with pgq.Client(empty_db, schema="jobs") as client:
+            info = client.enqueue(pgq.Task("t", 1), group="g")
+            client.enqueue(pgq.Task("t", 2))
+        assert info.state == "aggregating"
+        assert c.execute("SELECT count(*) FROM jobs.task").fetchone() == (2,)
+        assert c.execute("SELECT jobs.enqueue('q', 't')").fetchone() is not None
+        assert {n.payload for n in c.notifies(timeout=5, stop_after=1)} <= {"default", "q"}
+
+
+def _dump(dsn: str) -> str:
+    out = subprocess.run(
+        [
+            "pg_dump",
+            "--schema-only",
+            "--no-owner",
+            "--no-privileges",
+            "--exclude-table=pgq.migration",
+            "-d",
+            dsn,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    lines = []
+    for line in out.splitlines():
+        if not line.strip() or line.startswith("--") or line.startswith("SET ") or line.startswith("\\"):
+            continue
+        if re.match(r"SELECT pg_catalog\.set_config", line):
+            continue
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def test_migrations_produce_schema_sql(server_dsn: str, empty_db: str) -> None:
+    from tests.fixtures.db import dsn_for
+
+    other = "pgq_s_" + os.urandom(6).hex()
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{other}"')
+    try:
+        from_schema = dsn_for(server_dsn, other)
+        with psycopg.connect(from_schema, autocommit=True) as c:
+            c.execute(_sql.script("schema.sql"))
+            pgq.migrate.apply_views(c)  # `pgq migrate` (re)creates sql/views/ after the migrations
+        pgq.migrate.migrate(empty_db)
+        a, b = _dump(from_schema), _dump(empty_db)
+        assert "CREATE TABLE pgq.task" in a and "CREATE FUNCTION pgq.enqueue" in a
+        assert "pgq.migration" not in b
+        assert a == b
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{other}" WITH (FORCE)')
+
+
+def test_migrated_database_works(empty_db: str) -> None:
+    pgq.migrate.migrate(empty_db)
+    with pgq.Client(empty_db) as client:
+        assert client.enqueue(pgq.Task("t")).state == "pending"
+    with psycopg.connect(empty_db, row_factory=dict_row) as c:
+        assert c.execute("SELECT count(*) AS n FROM pgq.task").fetchone() == {"n": 1}
