@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -176,13 +177,13 @@ WORKLOAD_BY_KEY = {w.key: w for w in WORKLOADS}
 @dataclass
 class Sizes:
     rounds: int = 3
-    n_single: int = 2000
+    n_single: int = 1000
     n_bulk: int = 10_000
     bulk_reps: int = 3
-    n_drain: int = 10_000
+    n_drain: int = 5000
     rate: float = 50.0
-    duration: float = 8.0
-    agg_n: int = 10_000
+    duration: float = 6.0
+    agg_n: int = 5000
     agg_group_size: int = 100
     agg_groups: int = 20
 
@@ -331,16 +332,24 @@ def run_one(admin_dsn: str, system: System, w: Workload, sizes: Sizes, rnd: int,
     t0 = time.monotonic()
     with Scratch(admin_dsn, f"{system.key}_{w.key}") as dsn:
         cmd += ["--dsn", dsn, *system.args, *sizes.args_for(w)]
+        # Own process group: on a timeout or Ctrl-C the script and its workers go together.
+        p = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE, start_new_session=True
+        )
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE)
-        except subprocess.TimeoutExpired:
-            return Result(
-                system.key, w.key, rnd, None, f"timed out after {timeout:.0f} s", time.monotonic() - t0
-            )
+            stdout, stderr = p.communicate(timeout=timeout)
+        except BaseException as exc:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                return Result(
+                    system.key, w.key, rnd, None, f"timed out after {timeout:.0f} s", time.monotonic() - t0
+                )
+            raise
     elapsed = time.monotonic() - t0
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
-        tail = (p.stderr.strip().splitlines() or ["(no stderr)"])[-3:]
+        tail = (stderr.strip().splitlines() or ["(no stderr)"])[-3:]
         return Result(system.key, w.key, rnd, None, f"rc={p.returncode}: {' | '.join(tail)}", elapsed)
     return Result(system.key, w.key, rnd, json.loads(lines[-1]), None, elapsed)
 

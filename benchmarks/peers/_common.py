@@ -34,7 +34,6 @@ import asyncio
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -113,7 +112,8 @@ def start_workers(
         for k, v in sorted(vars(args).items()):
             if k.startswith("x_") and v is not None:
                 cmd += [f"--{k[2:].replace('_', '-')}", str(v)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True))
+        # Same process group as this script: compare.py kills the whole group if it must.
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True))
     for p in procs:
         assert p.stdout is not None
         while True:
@@ -130,19 +130,13 @@ def start_workers(
 def stop_workers(procs: list[subprocess.Popen[str]]) -> None:
     for p in procs:
         if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            p.terminate()
     deadline = time.monotonic() + 5
     for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            p.kill()
             p.wait()
 
 
@@ -259,10 +253,17 @@ async def timed_async(n: int, fn: Callable[[int], Awaitable[None]]) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def bulk_budget_spent(rates: list[float], size: int) -> bool:
+    """Stop repeating a bulk call once 3 s went into it (a slow system gets fewer reps)."""
+    return sum(size / r for r in rates) > 3.0
+
+
 def bulk_rates(reps: int, size: int, fn: Callable[[int], None]) -> dict[str, Any]:
-    rates = []
+    rates: list[float] = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn(size)
         rates.append(size / (time.perf_counter() - t0))
+        if bulk_budget_spent(rates, size):
+            break
     return {"rate": statistics.median(rates), "reps": rates, "size": size}

@@ -132,6 +132,8 @@ async def async_client(args) -> None:
                 t0 = time.perf_counter()
                 await client.enqueue_many([NOOP] * args.bulk)
                 rates.append(args.bulk / (time.perf_counter() - t0))
+                if c.bulk_budget_spent(rates, args.bulk):
+                    break
             c.emit({"rate": statistics.median(rates), "reps": rates, "size": args.bulk})
         else:
             raise SystemExit("--client async applies to enqueue and bulk only")

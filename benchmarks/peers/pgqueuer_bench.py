@@ -99,6 +99,8 @@ async def amain(args) -> None:
             t0 = time.perf_counter()
             await bulk(args.bulk)
             rates.append(args.bulk / (time.perf_counter() - t0))
+            if c.bulk_budget_spent(rates, args.bulk):
+                break
         import statistics
 
         c.emit({"rate": statistics.median(rates), "reps": rates, "size": args.bulk})
