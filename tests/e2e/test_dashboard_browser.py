@@ -135,7 +135,9 @@ def test_overview_group_action_and_live_aggregation(dsn: str, dashboard_url: str
         expect(page.locator("#members tr[data-task]")).to_have_count(3)
         shot(page, "03-group")
 
-        # An action: archive one member, through the confirm dialog.
+        # An action: archive one member, through the confirm dialog (with
+        # auto-refresh off, so that no refresh races the click).
+        page.locator("#autorefresh").uncheck()
         dialogs: list[str] = []
 
         def accept(dialog: Any) -> None:
@@ -154,6 +156,7 @@ def test_overview_group_action_and_live_aggregation(dsn: str, dashboard_url: str
         page.once("dialog", lambda d: d.dismiss())
         page.locator(f'#members tr[data-task="{first[1].id}"] button[data-action="task_delete"]').click()
         expect(page.locator("#members tr[data-task]")).to_have_count(2)
+        page.locator("#autorefresh").check()
 
         # A server aggregates the group: the page shows it live.
         def aggregate(g: str, tasks: list[pgq.Task]) -> pgq.Task:
@@ -192,6 +195,9 @@ def test_overview_group_action_and_live_aggregation(dsn: str, dashboard_url: str
             re.compile(r"[1-9]\d* in 14 days")
         )
         shot(page, "07-overview-after")
+    except BaseException:
+        shot(page, "failure")  # what the browser showed when the test failed
+        raise
     finally:
         client.close()
 

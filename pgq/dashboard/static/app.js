@@ -24,10 +24,18 @@
     try { localStorage.setItem("pgq.autorefresh", box.checked ? "on" : "off"); } catch (e) {}
   });
   var busy = false;
+  var holding = false; // a pointer is down: never swap the page under a click
+  document.addEventListener("pointerdown", function () { holding = true; }, true);
+  document.addEventListener("pointerup", function () { setTimeout(function () { holding = false; }, 300); }, true);
+  function idle() {
+    if (holding || !box.checked || document.hidden) return false;
+    var a = document.activeElement; // typing in a field (not a checkbox or button)
+    var typing = a && (a.tagName === "TEXTAREA" ||
+      (a.tagName === "INPUT" && /^(text|search|password|number|email|url)$/.test(a.type)));
+    return !typing;
+  }
   function tick() {
-    if (busy || !box.checked || document.hidden) return;
-    var active = document.activeElement;
-    if (active && (active.tagName === "INPUT" || active.tagName === "TEXTAREA")) return;
+    if (busy || !idle()) return;
     busy = true;
     fetch(window.location.href, { credentials: "same-origin", headers: { "X-Pgq-Refresh": "1" } })
       .then(function (r) { return r.ok || r.status === 404 ? r.text() : null; })
@@ -36,7 +44,7 @@
         var doc = new DOMParser().parseFromString(html, "text/html");
         var fresh = doc.getElementById("content");
         var main = document.getElementById("content");
-        if (fresh && main) {
+        if (fresh && main && idle()) {
           main.replaceWith(document.importNode(fresh, true));
           document.body.setAttribute("data-refreshed", String(Date.now()));
         }
