@@ -156,13 +156,16 @@ def docs_env(dsn: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Itera
     import sqlalchemy as sa
 
     params = conninfo_to_dict(dsn)
+    host = str(params.get("host") or "")
+    socket_dir = host.startswith("/")  # the embedded server: a Unix socket directory
     url = sa.engine.URL.create(
         "postgresql+psycopg",
         username=str(params.get("user") or ""),
         password=str(params["password"]) if params.get("password") else None,
-        host=str(params.get("host") or "") or None,
-        port=int(params["port"]) if params.get("port") else None,
+        host=None if socket_dir or not host else host,
+        port=None if socket_dir or not params.get("port") else int(params["port"]),
         database=str(params["dbname"]),
+        query={"host": host, "port": str(params.get("port") or 5432)} if socket_dir else {},
     )
     monkeypatch.setenv("PGQ_DSN", dsn)
     monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
