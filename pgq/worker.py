@@ -193,7 +193,12 @@ class _ResultWriter(ResultWriter):
             return
         fut: concurrent.futures.Future[None] = concurrent.futures.Future()
         w._loop.call_soon_threadsafe(w._queue_result, self._job, text, fut)
-        fut.result()
+        try:
+            fut.result(timeout=w.cfg.lease_duration)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(
+                "the result could not be written in time (is the database reachable?)"
+            ) from None
 
     async def write_async(self, value: Any) -> None:
         w = self._job.worker
@@ -521,7 +526,9 @@ class Worker:
             self._finish_err(job, bad)
             return
         if remaining <= 0:
-            self._finish_err(job, TaskDeadlineExceeded("task deadline exceeded"))
+            late = TaskDeadlineExceeded("task deadline exceeded")
+            self._call_error_handler(task, late)
+            self._finish_err(job, late)
             return
         loop = self._loop
         if remaining <= NEAR_DEADLINE:
@@ -530,16 +537,18 @@ class Worker:
             job.deadline_at = loop.time() + remaining
         resolved = self.resolve(type_)
         if resolved is None:
-            self._finish_err(job, HandlerNotFoundError(f"no handler registered for task type {type_!r}"))
+            missing = HandlerNotFoundError(f"no handler registered for task type {type_!r}")
+            self._call_error_handler(task, missing)
+            self._finish_err(job, missing)
             return
         fn, is_async = resolved
         if is_async:
             try:
                 coro = fn(task)
                 fut = loop.create_task(_guard(coro))
-            except Exception as exc:
-                self._call_error_handler(task, exc)
-                self._finish_err(job, exc)
+            except Exception as e:
+                self._call_error_handler(task, e)
+                self._finish_err(job, e)
                 return
             job.handle = fut
             fut.add_done_callback(job.done)
@@ -552,6 +561,7 @@ class Worker:
             return
         if fut.cancelled():
             exc: BaseException = job.reason or TaskCancelled("handler cancelled")
+            self._call_error_handler(job.task, exc)
         else:
             e = fut.exception()
             if e is None:
@@ -593,6 +603,7 @@ class Worker:
         if job.sync or job.handle is None:
             job.abandoned = True
             self._threads.replace()
+            self._call_error_handler(job.task, reason)
             self._finish_err(job, reason)
         else:
             job.handle.cancel()  # _async_done records the failure

@@ -290,6 +290,7 @@ def test_async_timeout_cancels_and_sync_deadline_frees_the_slot(
 ) -> None:
     cancelled = threading.Event()
     release = threading.Event()
+    handled: list[tuple[str, str]] = []
     mux = pgq.ServeMux()
 
     @mux.handle("slow_async")
@@ -311,7 +312,13 @@ def test_async_timeout_cancels_and_sync_deadline_frees_the_slot(
     a = client.enqueue(pgq.Task("slow_async"), timeout=0.3)
     s = client.enqueue(pgq.Task("slow_sync"), timeout=0.3)
     try:
-        with serving(pgq.Server(dsn, concurrency=2, retry_delay_func=lambda *x: 60), mux):
+        server = pgq.Server(
+            dsn,
+            concurrency=2,
+            retry_delay_func=lambda *x: 60,
+            error_handler=lambda task, exc: handled.append((task.type, str(exc))),
+        )
+        with serving(server, mux):
             ra = wait_for(lambda: (x := row(conn, a.id))["state"] == "retry" and x)
             rs = wait_for(lambda: (x := row(conn, s.id))["state"] == "retry" and x)
             assert cancelled.is_set()
@@ -321,6 +328,10 @@ def test_async_timeout_cancels_and_sync_deadline_frees_the_slot(
     finally:
         release.set()
     assert ra["last_error"] == rs["last_error"] == "task deadline exceeded"
+    assert sorted(handled) == [
+        ("slow_async", "task deadline exceeded"),
+        ("slow_sync", "task deadline exceeded"),
+    ]
 
 
 def test_results_retention_and_cleaner(dsn: str, conn: Conn, client: pgq.Client) -> None:
