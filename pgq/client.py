@@ -35,9 +35,11 @@ from pgq import _sql, db
 from pgq.errors import (
     DuplicateTaskError,
     InvalidArgumentError,
+    PayloadTooLargeError,
     TaskIDConflictError,
 )
 from pgq.task import (
+    MAX_PAYLOAD_BYTES,
     Task,
     TaskInfo,
     check_name,
@@ -368,6 +370,24 @@ def _any_unique(params: dict[str, Any]) -> bool:
     return any(u is not None for u in params["unique_ttl"])
 
 
+#: jsonb can be several times larger than its JSON text, so a payload under the Python limit
+#: may still fail the table's size CHECK: above this size the insert runs under a savepoint,
+#: and the CHECK becomes PayloadTooLargeError with the caller's transaction intact (S2).
+_GUARD_PAYLOAD_CHARS = MAX_PAYLOAD_BYTES // 16
+
+
+def _any_big(params: dict[str, Any]) -> bool:
+    return any(p is not None and len(p) > _GUARD_PAYLOAD_CHARS for p in params["payload"])
+
+
+def _map_check(exc: psycopg.errors.CheckViolation) -> Exception:
+    if exc.diag.constraint_name == "task_payload_size_check":
+        return PayloadTooLargeError(
+            f"payload is too large as stored jsonb (the limit is {MAX_PAYLOAD_BYTES} bytes)"
+        )
+    return exc
+
+
 class _TrailingNotifier:
     """One daemon thread per Client that sends the trailing NOTIFYs the debouncer asks for."""
 
@@ -488,7 +508,11 @@ class Client(_Queries):
     def _run_on(
         self, conn: psycopg.Connection[Any], items: list[tuple[Task, dict[str, Any]]], params: dict[str, Any]
     ) -> list[TaskInfo]:
-        guard = any(t is not None for t in params["task_id"]) or (len(items) > 1 and _any_unique(params))
+        guard = (
+            any(t is not None for t in params["task_id"])
+            or (len(items) > 1 and _any_unique(params))
+            or _any_big(params)
+        )
         idle_autocommit = (
             conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         )
@@ -515,6 +539,8 @@ class Client(_Queries):
             return cur.execute(self._q, params).fetchall()
         except psycopg.errors.UniqueViolation as exc:
             raise _map_error(exc, params) from None
+        except psycopg.errors.CheckViolation as exc:
+            raise _map_check(exc) from None
 
     def _send_notify(self, queues: list[str]) -> None:
         try:
@@ -621,7 +647,11 @@ class AsyncClient(_Queries):
         items: list[tuple[Task, dict[str, Any]]],
         params: dict[str, Any],
     ) -> list[TaskInfo]:
-        guard = any(t is not None for t in params["task_id"]) or (len(items) > 1 and _any_unique(params))
+        guard = (
+            any(t is not None for t in params["task_id"])
+            or (len(items) > 1 and _any_unique(params))
+            or _any_big(params)
+        )
         idle_autocommit = (
             conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         )
@@ -652,6 +682,8 @@ class AsyncClient(_Queries):
             return await cur.fetchall()
         except psycopg.errors.UniqueViolation as exc:
             raise _map_error(exc, params) from None
+        except psycopg.errors.CheckViolation as exc:
+            raise _map_check(exc) from None
 
     async def _trailing(self, delay: float | None) -> None:
         try:

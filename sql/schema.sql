@@ -178,6 +178,9 @@ CREATE FUNCTION pgq.enqueue(
     retention interval DEFAULT NULL
 ) RETURNS text
 LANGUAGE plpgsql
+-- SECURITY DEFINER: a role may enqueue with EXECUTE on this function alone and no
+-- table privileges (sql/roles.sql, docs/security.md); search_path is pinned.
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 #variable_conflict use_column
@@ -246,3 +249,5 @@ BEGIN
     RETURN coalesce(enqueue.task_id, v_id::text);
 END
 $fn$;
+REVOKE ALL ON FUNCTION pgq.enqueue(text, text, jsonb, text, integer, interval, timestamptz, jsonb,
+                                  text, interval, timestamptz, interval) FROM PUBLIC;

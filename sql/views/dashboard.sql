@@ -18,6 +18,7 @@
 CREATE OR REPLACE FUNCTION pgq.estimate_task_count(p_queue text, p_state text)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE  -- EXPLAIN is not allowed in a STABLE function
+SECURITY DEFINER  -- counts only: a role that may read the views only can use them (roles.sql)
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -39,6 +40,7 @@ CREATE OR REPLACE FUNCTION pgq.queue_counts(p_queue text, p_cap integer DEFAULT 
 RETURNS TABLE (pending bigint, scheduled bigint, retry bigint, active bigint, aggregating bigint,
                completed bigint, archived bigint, groups bigint, exact boolean)
 LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER  -- counts only: queue_stats works for a views-only role (sql/roles.sql)
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 #variable_conflict use_column

@@ -38,10 +38,10 @@ def enqueue(dsn: str, n: int, rng: Any) -> list[int]:
 
 
 def test_r1_sigkill_workers_under_load(fdb: str, workers: Any, chaos: Chaos) -> None:
-    n_tasks = size(3000, 100_000)
+    n_tasks = size(3000, 20_000)
     n_workers = size(3, 4)
-    kills = size(4, 40)
-    gap = size((0.4, 0.9), (2.0, 5.0))
+    kills = size(3, 20)
+    gap = size((0.4, 0.9), (1.0, 3.0))
     env = {**ENV, "FAULT_CONCURRENCY": str(size(4, 8))}
     ids = enqueue(fdb, n_tasks, chaos.rng)
     procs: list[WorkerProc] = [workers(env) for _ in range(n_workers)]
