@@ -52,7 +52,7 @@ def test_r10_listener_backend_terminated(fdb: str, admin_dsn: str, workers: Any,
     wait_ready(fdb, procs)
     db = _dbname(fdb)
     wait_for(lambda: backends(admin_dsn, "pgq:listener:%", db) == 2, 10, "two listeners")
-    cycles, per_cycle = size(3, 50), size(50, 1000)
+    cycles, per_cycle = size(3, 20), size(50, 500)
     pickups: list[float] = []
     all_ids: list[int] = []
     with pgq.Client(fdb) as client:
@@ -91,7 +91,7 @@ def test_r14_timeouts_and_table_lock(fdb: str, admin_dsn: str, workers: Any, cha
     env = {"FAULT_CONCURRENCY": "4", "FAULT_LEASE": "10", "FAULT_AGG_QUEUE": "agg"}
     procs = [workers(env) for _ in range(2)]
     wait_ready(fdb, procs)
-    n = size(600, 20_000)
+    n = size(600, 5_000)
     with pgq.Client(fdb) as client:
         ids = [int(i.id) for i in client.enqueue_many([pgq.Task("work", {"ms": 50})] * n, retention=3600)]
     samples: list[float] = []
@@ -104,7 +104,7 @@ def test_r14_timeouts_and_table_lock(fdb: str, admin_dsn: str, workers: Any, cha
 
     s = threading.Thread(target=sampler)
     s.start()
-    episodes, hold = size(1, 5), size(4.0, 15.0)
+    episodes, hold = size(1, 3), size(4.0, 10.0)
     recovery: list[float] = []
     log_lines: list[int] = []
     try:
@@ -178,7 +178,7 @@ def test_r19_poison_tasks(fdb: str, workers: Any) -> None:
         for _ in range(2)
     ]
     wait_ready(fdb, procs)
-    healthy_n = size(800, 20_000)
+    healthy_n = size(800, 10_000)
     poison_ids: dict[int, str] = {}
     with pgq.Client(fdb) as client, psycopg.connect(fdb, autocommit=True) as c:
         healthy = [

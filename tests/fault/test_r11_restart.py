@@ -50,7 +50,7 @@ def test_r11_postgres_restarts_under_load(cluster: Cluster, fdb: str, workers: A
                 acked.append(int(info.id))
             time.sleep(0.002)
 
-    modes = ["fast"] * size(2, 3) + ["immediate"] * size(2, 3)
+    modes = ["fast"] * size(1, 3) + ["immediate"] * size(1, 3)
     resume: list[float] = []
     with pgq.Client(fdb) as client:
         ts = [threading.Thread(target=producer, args=(client,)) for _ in range(4)]

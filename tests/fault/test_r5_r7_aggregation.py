@@ -112,7 +112,7 @@ def test_r5_leader_backend_killed_during_aggregation(fdb: str, workers: Any, cha
 
     def killer() -> None:
         for i in itertools.count():
-            if stop.wait(size(0.5, 3.0)):
+            if stop.wait(size(0.5, 1.0)):
                 return
             kills["leader"] += chaos.terminate("pgq:leader:%")
             if i % 3 == 2:  # also cut aggregation transactions in flight
@@ -122,7 +122,7 @@ def test_r5_leader_backend_killed_during_aggregation(fdb: str, workers: Any, cha
     k.start()
     t0 = time.monotonic()
     try:
-        members = produce(fdb, size(1500, 200_000), size(30, 500), size(4, 8))
+        members = produce(fdb, size(1500, 20_000), size(30, 200), size(4, 8))
     finally:
         stop.set()
         k.join()
@@ -152,7 +152,7 @@ def test_r6_concurrent_aggregators_without_leadership(fdb: str, workers: Any) ->
     argv = [sys.executable, "-m", "tests.fault.agg_proc", "run"]
     procs = [workers(AGG_ENV, argv=argv) for _ in range(3)]
     time.sleep(1.5)  # let them connect before the load starts
-    members = produce(fdb, size(1500, 200_000), size(30, 500), size(4, 8))
+    members = produce(fdb, size(1500, 20_000), size(30, 200), size(4, 8))
     wait_for(lambda: _drained(fdb), 60, "every member aggregated")
     totals: list[dict[str, int]] = []
     for p in procs:
@@ -172,7 +172,7 @@ def test_r6_concurrent_aggregators_without_leadership(fdb: str, workers: Any) ->
 
 
 def test_r7_sigkill_at_every_aggregation_failpoint(fdb: str, chaos: Chaos) -> None:
-    rounds = size(2, 200)
+    rounds = size(2, 50)
     groups, per_group = 10, 4
     env = {**AGG_ENV, "FAULT_AGG_GRACE": "0.05", "PGQ_DSN": fdb}
     fs = subprocess.Popen(

@@ -97,7 +97,7 @@ def _schema_hash(cluster: Cluster, dsn: str) -> str:
 def test_s1_hostile_names(cluster: Cluster, fdb: str) -> None:
     before = _schema_hash(cluster, fdb)
     rng = random.Random(SEED)
-    names = HOSTILE + _fuzz(rng, size(300, 10_000))
+    names = HOSTILE + _fuzz(rng, size(300, 5_000))
     stats = {
         "accepted": 0,
         "invalid_name": 0,
