@@ -332,6 +332,7 @@ class Worker:
         self._flush_wanted = asyncio.Event()
         self._flushed = asyncio.Event()
         self._ack_backlog = max(1000, 4 * cfg.concurrency)
+        self._claim_max = max(1, cfg.concurrency // 2)
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = False
@@ -399,11 +400,14 @@ class Worker:
                         conn = await self.pool.getconn()
                     cur = conn.cursor(row_factory=tuple_row)
                     lease_until = self._loop.time() + cfg.lease_duration
+                    # At most half the slots per claim: while one batch is claimed, the
+                    # previous one runs (claims and handlers overlap under load).
+                    limit = min(free, self._claim_max)
                     rows = await tasks.claim_many(
                         cur,
                         self.q,
                         queues=self._order(),
-                        limit=free,
+                        limit=limit,
                         worker_id=cfg.worker_id,
                         lease=cfg.lease_duration,
                     )
@@ -411,7 +415,7 @@ class Worker:
                     for row in rows:
                         self._start(row, lease_until)
                     self.polled.set()
-                    if len(rows) >= free or self._stopping:
+                    if len(rows) >= limit or self._stopping:
                         backoff = 0.05
                         await asyncio.sleep(0)
                         continue
