@@ -387,7 +387,24 @@ def _initdb(bins: Path, data: Path, user: _OsUser) -> None:
         )
 
 
+def _clear_stale_pidfile(data: Path) -> None:
+    """After a reboot, postmaster.pid may name a pid that now belongs to another
+    program; PostgreSQL then refuses to start ("lock file already exists"). Remove
+    it when that process is certainly not a postgres (Linux: /proc)."""
+    pm = _read_postmaster(data)
+    if pm is None or not _alive(pm.pid):
+        return  # no file, or a dead pid: PostgreSQL handles that itself
+    try:
+        cmdline = Path(f"/proc/{pm.pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if b"postgres" not in cmdline:
+        log.warning("removing %s/postmaster.pid: its pid %d is now another program", data, pm.pid)
+        (data / "postmaster.pid").unlink(missing_ok=True)
+
+
 def _start(bins: Path, data: Path, user: _OsUser) -> None:
+    _clear_stale_pidfile(data)
     sock = _socket_dir(data)
     if sock != data:
         sock.mkdir(mode=0o700, exist_ok=True)
@@ -465,6 +482,8 @@ def default_dsn() -> str:
         if not _announced:
             _announced = True
             how = "started it" if started else "already running"
+            if started and _is_root():
+                how += f", as OS user {_os_user().name}: PostgreSQL refuses to run as root"
             msg = (
                 f"pgq: no --dsn or PGQ_DSN given; using the embedded PostgreSQL in {base} ({how}).\n"
                 f"pgq: DSN {dsn}   (`pgq embedded stop` stops it)"

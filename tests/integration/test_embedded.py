@@ -16,6 +16,7 @@ import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -188,7 +189,7 @@ def test_concurrent_first_use_from_many_processes_starts_one_server() -> None:
         assert [p.returncode for p in procs] == [0] * 4, outs
         dsns = {o.strip() for o, _ in outs}
         assert len(dsns) == 1, dsns
-        started = [e for _, e in outs if "(started it)" in e]
+        started = [e for _, e in outs if "(started it" in e]
         assert len(started) == 1, outs
         dsn = dsns.pop()
         assert "/tmp/pgq-embedded-" in dsn  # the short socket directory
@@ -296,3 +297,28 @@ def test_test_fixture_uses_embedded_when_no_server_answers(
     assert res.returncode == 0, res.stdout + res.stderr
     assert "1 passed" in res.stdout
     assert f"SOCKET {embedded.data_dir(shared_base)}" in res.stdout
+
+
+@needs_embedded
+def test_a_stale_pid_file_naming_another_program_does_not_block_the_start(
+    edsn: str, shared_base: Path
+) -> None:
+    """After a reboot postmaster.pid may name a pid that another program now has."""
+    assert embedded.stop() is True
+    data = embedded.data_dir(shared_base)
+    pidfile = data / "postmaster.pid"
+    sock = embedded._socket_dir(data)
+    # a live process that is not a postgres, of the user PostgreSQL runs as (PostgreSQL
+    # itself ignores a pid of another user: kill(pid, 0) fails with EPERM)
+    owner = data.stat().st_uid
+    kwargs: dict[str, Any] = {"user": owner} if os.geteuid() == 0 else {}
+    other = subprocess.Popen(["sleep", "60"], **kwargs)
+    try:
+        pidfile.write_text(f"{other.pid}\n{data}\n1700000000\n5432\n{sock}\n\n  5432001    32768\nready   \n")
+        assert embedded.status().running is False
+        assert embedded.default_dsn() == edsn
+    finally:
+        other.kill()
+        other.wait()
+    pm = embedded._read_postmaster(data)
+    assert pm is not None and pm.pid != other.pid
