@@ -2,8 +2,10 @@
 
 How a task travels through one worker process (one asyncio event loop):
 
-1. The claimer holds one pooled connection. It claims as many due tasks as
-   there are free slots in ONE statement (task_claim_many: a LATERAL per
+1. The claimer holds one pooled connection (synchronous_commit off: a claim
+   lost in a database crash only makes its task claimable again). It claims
+   up to the free slots (at most half the concurrency, so that the next claim
+   overlaps the running batch) in ONE statement (task_claim_many: a LATERAL per
    queue in the order picked for this poll, FOR UPDATE SKIP LOCKED), which
    sets state='active', attempt+1 (the fencing token), locked_by and a lease.
    When a claim returns fewer tasks than asked, it sleeps until the earliest
@@ -398,6 +400,10 @@ class Worker:
                 try:
                     if conn is None:
                         conn = await self.pool.getconn()
+                        # A claim need not wait for its WAL flush: if the database loses it in
+                        # a crash, the task is simply claimable again (at-least-once), and the
+                        # durable ack that follows flushes the claim with it.
+                        await conn.execute("SET synchronous_commit = off")
                     cur = conn.cursor(row_factory=tuple_row)
                     lease_until = self._loop.time() + cfg.lease_duration
                     # At most half the slots per claim: while one batch is claimed, the
@@ -467,6 +473,8 @@ class Worker:
                 await self._sleep(timeout)
         finally:
             if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.execute("RESET synchronous_commit")
                 await self.pool.putconn(conn)
 
     async def _drop(self, conn: psycopg.AsyncConnection[Any] | None) -> None:
