@@ -36,8 +36,9 @@ Running as root
     ``useradd`` is unavailable, ``nobody``). That user owns ``D/data``; ``D`` and its
     lock stay root's. It must be able to enter the parent directories of ``D/data``
     and of the binaries, which ``/root`` (mode 0700) forbids, so root's default ``D``
-    is ``/var/lib/pgq/embedded``; a directory the user cannot enter is a clear error
-    naming it, never a silent ``chmod``.
+    is ``/var/lib/pgq/embedded``. ``D`` itself, when root owns it, gets ``o+x``
+    (enter only, not list: ``PGQ_EMBEDDED_DIR=$(mktemp -d)`` works); a parent
+    directory the user cannot enter is a clear error naming it, never a ``chmod``.
 
 Lifetime
     Started on first use and left running for later commands until
@@ -234,6 +235,15 @@ def _blocked_dir(path: Path, user: _OsUser) -> Path | None:
         if not ok:
             return parent
     return None
+
+
+def _allow_traverse(base: Path, user: _OsUser) -> None:
+    """Let the server's OS user enter the base directory itself (not its parents) when
+    it is ours: e.g. PGQ_EMBEDDED_DIR=$(mktemp -d), which is 0700. Traversal only: the
+    user can reach D/data (its own) but cannot list D."""
+    if user.switch and base.stat().st_uid == os.geteuid() and _blocked_dir(base, user) == base:
+        base.chmod(base.stat().st_mode | 0o001)
+        log.info("allowed user %s to enter %s (chmod o+x)", user.name, base)
 
 
 def _check_reachable(path: Path, what: str, user: _OsUser) -> None:
@@ -440,6 +450,7 @@ def _ensure_running(base: Path) -> tuple[str, bool]:
     bins = bin_dir()
     user = _os_user()
     _check_reachable(bins, "PostgreSQL binaries in", user)
+    _allow_traverse(base, user)
     _check_reachable(data, "data directory", user)
     major = _binary_major(bins)
     version_file = data / "PG_VERSION"

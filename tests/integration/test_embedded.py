@@ -260,6 +260,22 @@ def test_as_root_a_directory_the_server_user_cannot_enter_is_named(monkeypatch: 
 
 
 @needs_embedded
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="only root runs PostgreSQL as another user"
+)
+def test_as_root_a_private_base_directory_of_our_own_is_opened_for_traversal_only() -> None:
+    base = Path(tempfile.mkdtemp(prefix="pgqe-mktemp-"))  # 0700, like $(mktemp -d)
+    try:
+        user = embedded._os_user()
+        assert embedded._blocked_dir(base / "data", user) == base
+        embedded._allow_traverse(base, user)
+        assert base.stat().st_mode & 0o777 == 0o701
+        assert embedded._blocked_dir(base / "data", user) is None
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@needs_embedded
 def test_test_fixture_uses_embedded_when_no_server_answers(
     shared_base: Path, edsn: str, tmp_path: Path
 ) -> None:
