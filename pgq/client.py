@@ -230,9 +230,13 @@ def build_params(items: Sequence[tuple[Task, dict[str, Any]]]) -> dict[str, Any]
 
 
 def to_infos(
-    rows: Sequence[dict[str, Any]], items: Sequence[tuple[Task, dict[str, Any]]], params: dict[str, Any]
+    rows: Sequence[tuple[Any, ...]], items: Sequence[tuple[Task, dict[str, Any]]], params: dict[str, Any]
 ) -> list[TaskInfo]:
-    """TaskInfo for each inserted row; DuplicateTaskError when a unique task was skipped."""
+    """TaskInfo for each inserted row; DuplicateTaskError when a unique task was skipped.
+
+    Rows are tuples in the column order of task_enqueue's result:
+    (id, task_id, queue, state, group_key, enqueued_at, run_at, notified).
+    """
     if len(rows) != len(items):
         skipped = len(items) - len(rows)
         raise DuplicateTaskError(
@@ -240,23 +244,28 @@ def to_infos(
             "holds its unique lock"
         )
     out = []
+    max_retry, timeout, deadline, retention = (
+        params["max_retry"],
+        params["timeout"],
+        params["deadline"],
+        params["retention"],
+    )
     for r, (task, _), i in zip(rows, items, range(len(items)), strict=True):
         out.append(
             TaskInfo(
-                id=r["task_id"] if r["task_id"] is not None else str(r["id"]),
-                queue=r["queue"],
+                id=r[1] if r[1] is not None else str(r[0]),
+                queue=r[2],
                 type=task.type,
                 payload=task.payload,
-                state=r["state"],
-                group=r["group_key"],
-                max_retry=params["max_retry"][i],
-                retried=0,
-                next_process_at=r["run_at"],
-                enqueued_at=r["enqueued_at"],
+                state=r[3],
+                group=r[4],
+                max_retry=max_retry[i],
+                next_process_at=r[6],
+                enqueued_at=r[5],
                 headers=dict(task.headers),
-                timeout=_td(params["timeout"][i]),
-                deadline=params["deadline"][i],
-                retention=_td(params["retention"][i]),
+                timeout=_td(timeout[i]),
+                deadline=deadline[i],
+                retention=_td(retention[i]),
             )
         )
     return out
@@ -360,6 +369,18 @@ class _Queries:
         if params["group_key"][0] is None and params["unique_ttl"][0] is None:
             return self._q_plain
         return self._q_one
+
+
+def _compact(params: dict[str, Any]) -> dict[str, Any]:
+    """The arrays of task_enqueue with each all-equal column (but payload) cut to one
+    element, which the statement repeats: less to encode, send and parse."""
+    out = dict(params)
+    n = len(params["payload"])
+    for k in _COLUMNS:
+        v = params[k]
+        if k != "payload" and n > 1 and v.count(v[0]) == n:
+            out[k] = v[:1]
+    return out
 
 
 def _scalars(params: dict[str, Any]) -> dict[str, Any]:
@@ -531,12 +552,12 @@ class Client(_Queries):
         conn.execute(_RELEASE_SAVEPOINT)
         return infos
 
-    def _execute(self, conn: psycopg.Connection[Any], params: dict[str, Any]) -> list[dict[str, Any]]:
+    def _execute(self, conn: psycopg.Connection[Any], params: dict[str, Any]) -> list[tuple[Any, ...]]:
         try:
-            cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+            cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
             if len(params["queue"]) == 1:
                 return cur.execute(self._single_query(params), _scalars(params)).fetchall()
-            return cur.execute(self._q, params).fetchall()
+            return cur.execute(self._q, _compact(params)).fetchall()
         except psycopg.errors.UniqueViolation as exc:
             raise _map_error(exc, params) from None
         except psycopg.errors.CheckViolation as exc:
@@ -672,13 +693,13 @@ class AsyncClient(_Queries):
 
     async def _execute(
         self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any]
-    ) -> list[dict[str, Any]]:
+    ) -> list[tuple[Any, ...]]:
         try:
-            cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+            cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
             if len(params["queue"]) == 1:
                 await cur.execute(self._single_query(params), _scalars(params))
             else:
-                await cur.execute(self._q, params)
+                await cur.execute(self._q, _compact(params))
             return await cur.fetchall()
         except psycopg.errors.UniqueViolation as exc:
             raise _map_error(exc, params) from None

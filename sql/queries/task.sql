@@ -9,19 +9,38 @@
 -- DuplicateTaskError), queue rows, group arrivals and the wake-up NOTIFY for the
 -- queues in %(notify)s, all in one statement. Arrays travel in binary (%(x)b): no
 -- per-element quoting of JSON text. Returns one row per inserted task, in input order.
-WITH input AS (
+WITH expanded AS (
+    -- payload has one element per task; any other column whose values are all equal
+    -- may come as a one-element array (the Client sends it so): unnest pads it with
+    -- NULLs and the CASE repeats its one value.
+    SELECT i.payload,
+           CASE WHEN cardinality(%(task_id)b::text[]) = 1 THEN (%(task_id)b::text[])[1] ELSE i.task_id END AS task_id,
+           CASE WHEN cardinality(%(queue)b::text[]) = 1 THEN (%(queue)b::text[])[1] ELSE i.queue END AS queue,
+           CASE WHEN cardinality(%(type)b::text[]) = 1 THEN (%(type)b::text[])[1] ELSE i.type END AS type,
+           CASE WHEN cardinality(%(headers)b::text[]) = 1 THEN (%(headers)b::text[])[1] ELSE i.headers END AS headers,
+           CASE WHEN cardinality(%(group_key)b::text[]) = 1 THEN (%(group_key)b::text[])[1] ELSE i.group_key END AS group_key,
+           CASE WHEN cardinality(%(max_retry)b::int[]) = 1 THEN (%(max_retry)b::int[])[1] ELSE i.max_retry END AS max_retry,
+           CASE WHEN cardinality(%(timeout)b::float8[]) = 1 THEN (%(timeout)b::float8[])[1] ELSE i.timeout END AS timeout,
+           CASE WHEN cardinality(%(deadline)b::timestamptz[]) = 1 THEN (%(deadline)b::timestamptz[])[1] ELSE i.deadline END AS deadline,
+           CASE WHEN cardinality(%(retention)b::float8[]) = 1 THEN (%(retention)b::float8[])[1] ELSE i.retention END AS retention,
+           CASE WHEN cardinality(%(unique_ttl)b::float8[]) = 1 THEN (%(unique_ttl)b::float8[])[1] ELSE i.unique_ttl END AS unique_ttl,
+           CASE WHEN cardinality(%(process_at)b::timestamptz[]) = 1 THEN (%(process_at)b::timestamptz[])[1] ELSE i.process_at END AS process_at,
+           CASE WHEN cardinality(%(process_in)b::float8[]) = 1 THEN (%(process_in)b::float8[])[1] ELSE i.process_in END AS process_in
+    FROM unnest(%(payload)b::text[], %(task_id)b::text[], %(queue)b::text[], %(type)b::text[],
+                %(headers)b::text[], %(group_key)b::text[], %(max_retry)b::int[],
+                %(timeout)b::float8[], %(deadline)b::timestamptz[], %(retention)b::float8[],
+                %(unique_ttl)b::float8[], %(process_at)b::timestamptz[], %(process_in)b::float8[])
+         AS i(payload, task_id, queue, type, headers, group_key, max_retry, timeout,
+              deadline, retention, unique_ttl, process_at, process_in)
+),
+input AS (
     SELECT nextval('pgq.task_id_seq') AS id, i.task_id, i.queue, i.type,
            i.payload::jsonb AS payload, i.headers::jsonb AS headers, i.group_key, i.max_retry,
            i.timeout * interval '1 second' AS timeout, i.deadline,
            i.retention * interval '1 second' AS retention, i.unique_ttl,
            coalesce(statement_timestamp() + i.process_in * interval '1 second',
                     i.process_at, statement_timestamp()) AS run_at
-    FROM unnest(%(task_id)b::text[], %(queue)b::text[], %(type)b::text[], %(payload)b::text[],
-                %(headers)b::text[], %(group_key)b::text[], %(max_retry)b::int[],
-                %(timeout)b::float8[], %(deadline)b::timestamptz[], %(retention)b::float8[],
-                %(unique_ttl)b::float8[], %(process_at)b::timestamptz[], %(process_in)b::float8[])
-         AS i(task_id, queue, type, payload, headers, group_key, max_retry, timeout,
-              deadline, retention, unique_ttl, process_at, process_in)
+    FROM expanded i
 ),
 numbered AS (
     SELECT input.*,
