@@ -269,3 +269,43 @@ def test_processes_flag_runs_several_workers(
     p.send_signal(signal.SIGTERM)
     assert p.wait(20) == 0
     assert conn.execute("SELECT count(*) AS n FROM pgq.server").fetchone() == {"n": 0}
+
+
+def test_worker_cli_runs_a_servemux(
+    dsn: str, conn: Conn, app_dir: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{app_dir}{os.pathsep}{ROOT}"}
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pgq",
+            "worker",
+            "workerapp:mux",
+            "--dsn",
+            dsn,
+            "--queues",
+            "cli",
+            "--concurrency",
+            "2",
+            "--log-format",
+            "json",
+        ],
+        cwd=app_dir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    procs.append(p)
+    with pgq.Client(dsn) as client:
+        info = client.enqueue(pgq.Task("quick"), queue="cli")
+    wait_for(
+        lambda: conn.execute("SELECT 1 FROM pgq.task WHERE id = %s", (int(info.id),)).fetchone() is None,
+        timeout=20,
+    )
+    r = conn.execute("SELECT queues, concurrency FROM pgq.server").fetchone()
+    assert r == {"queues": {"cli": 1}, "concurrency": 2}
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=20)
+    assert p.returncode == 0
+    assert b'"action": "server_started"' in err  # structured (JSON) log lines

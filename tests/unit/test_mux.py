@@ -114,3 +114,22 @@ def test_parse_queues() -> None:
         parse_queues("a=x")
     with pytest.raises(ConfigError, match=">= 1"):
         parse_queues("a=0")
+
+
+def test_result_writes_fold_into_the_later_outcome() -> None:
+    from pgq.tasks import DONE, RESULT, RETRY, Ack
+    from pgq.worker import _merge_results
+
+    batch = [
+        Ack(1, 1, RESULT, result='"a"'),
+        Ack(2, 1, RESULT, result='"x"'),
+        Ack(1, 1, RESULT, result='"b"'),
+        Ack(1, 1, DONE),
+        Ack(3, 1, RETRY, 5.0, "err", None, True),
+    ]
+    out = _merge_results(batch)
+    assert out == [
+        Ack(1, 1, DONE, result='"b"'),
+        Ack(2, 1, RESULT, result='"x"'),
+        Ack(3, 1, RETRY, 5.0, "err", None, True),
+    ]
