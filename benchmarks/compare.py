@@ -181,6 +181,7 @@ class Sizes:
     n_bulk: int = 10_000
     bulk_reps: int = 3
     n_drain: int = 5000
+    drain_budget: float = 15.0  # a drain still running then is cut short: rate = finished / elapsed
     rate: float = 50.0
     duration: float = 6.0
     agg_n: int = 5000
@@ -189,7 +190,16 @@ class Sizes:
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(rounds=1, n_single=300, bulk_reps=1, n_drain=2000, duration=1.5, agg_n=2000, agg_groups=5)
+        return cls(
+            rounds=1,
+            n_single=300,
+            bulk_reps=1,
+            n_drain=2000,
+            drain_budget=5.0,
+            duration=1.5,
+            agg_n=2000,
+            agg_groups=5,
+        )
 
     def args_for(self, w: Workload) -> list[str]:
         if w.key == "enqueue":
@@ -197,7 +207,8 @@ class Sizes:
         if w.key == "bulk":
             return ["--bulk", str(self.n_bulk), "--reps", str(self.bulk_reps)]
         if w.key in ("drain1", "drain2"):
-            return ["--n", str(self.n_drain), "--processes", "1" if w.key == "drain1" else "2"]
+            procs = "1" if w.key == "drain1" else "2"
+            return ["--n", str(self.n_drain), "--processes", procs, "--budget", str(self.drain_budget)]
         if w.key == "latency":
             return ["--rate", str(self.rate), "--duration", str(self.duration)]
         if w.key == "aggregation":
@@ -483,6 +494,11 @@ def report(
                 rr = ratios(run, w, s.key)
                 rat = f"{statistics.median(rr):.2f} ({min(rr):.2f}\u2013{max(rr):.2f})" if rr else "n/a"
             note = f" ({len(errs)} failed)" if errs else ""
+            cut = [r for r in rs.values() if r.data and r.data.get("complete") is False]
+            if cut:
+                done = ", ".join(f"{r.data['done']:,}" for r in cut)
+                n = cut[0].data["n"]
+                note += f" \u2020 cut at the time budget in {len(cut)} round(s) ({done} of {n:,} done)"
             out.append(f"| {w.title} | {s.label}{note} | {cell} | {span} | {rat} |")
     out.append("")
     agg = WORKLOAD_BY_KEY["aggregation"]

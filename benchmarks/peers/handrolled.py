@@ -24,6 +24,8 @@ import psycopg
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as c
 
+BACKLOG = "FROM bench_job"
+
 SCHEMA = """
 CREATE TABLE bench_job (
     id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -55,11 +57,6 @@ BATCH = 100
 
 def connect(dsn: str) -> psycopg.Connection:
     return psycopg.connect(dsn, autocommit=True)
-
-
-def unfinished_check(dsn: str):
-    conn = connect(dsn)
-    return lambda: bool(conn.execute("SELECT EXISTS (SELECT 1 FROM bench_job)").fetchone()[0])
 
 
 def worker(args) -> None:
@@ -101,7 +98,7 @@ def main() -> None:
     elif args.workload == "bulk":
         c.emit(c.bulk_rates(args.reps, args.bulk, bulk))
     elif args.workload == "drain":
-        c.emit(c.run_drain(script, args, bulk, unfinished_check(args.dsn)))
+        c.emit(c.run_drain(script, args, bulk, c.Backlog(args.dsn, BACKLOG)))
     elif args.workload == "latency":
         cur = conn.cursor()
 

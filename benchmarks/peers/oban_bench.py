@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as c
 
 SCRIPT = os.path.abspath(__file__)
+BACKLOG = "FROM oban_jobs WHERE state IN ('available', 'executing', 'scheduled', 'retryable')"
 MARKS: c.Marks | None = None
 
 
@@ -35,17 +36,6 @@ from oban import Oban, job  # noqa: E402
 async def noop(t: float | None = None) -> None:
     if MARKS is not None:
         MARKS.hit(t)
-
-
-def unfinished_check(dsn: str):
-    import psycopg
-
-    conn = psycopg.connect(dsn, autocommit=True)
-    q = (
-        "SELECT EXISTS (SELECT 1 FROM oban_jobs "
-        "WHERE state IN ('available', 'executing', 'scheduled', 'retryable'))"
-    )
-    return lambda: bool(conn.execute(q).fetchone()[0])
 
 
 async def worker(args) -> None:
@@ -88,7 +78,7 @@ async def amain(args) -> None:
             return lambda *a: asyncio.run_coroutine_threadsafe(coro_fn(*a), loop).result()
 
         if args.workload == "drain":
-            check = unfinished_check(args.dsn)
+            check = c.Backlog(args.dsn, BACKLOG)
             result = await asyncio.to_thread(c.run_drain, SCRIPT, args, sync(bulk), check)
         elif args.workload == "latency":
 

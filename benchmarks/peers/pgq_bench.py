@@ -39,9 +39,7 @@ import psycopg
 import pgq
 import pgq.migrate
 
-UNFINISHED = (
-    "SELECT EXISTS (SELECT 1 FROM pgq.task WHERE state IN ('pending', 'active', 'retry', 'scheduled'))"
-)
+BACKLOG = "FROM pgq.task WHERE state IN ('pending', 'active', 'retry', 'scheduled')"
 
 
 def extra(p) -> None:
@@ -50,11 +48,6 @@ def extra(p) -> None:
     p.add_argument("--group-size", type=int, default=100)
     p.add_argument("--groups", type=int, default=20)
     p.add_argument("--grace", type=float, default=0.5)
-
-
-def unfinished_check(dsn: str):
-    conn = psycopg.connect(dsn, autocommit=True)
-    return lambda: bool(conn.execute(UNFINISHED).fetchone()[0])
 
 
 def serve(server: pgq.Server, mux: pgq.ServeMux) -> None:
@@ -110,7 +103,7 @@ def main() -> None:
             c.emit(c.bulk_rates(args.reps, args.bulk, lambda n: client.enqueue_many([NOOP] * n)))
         elif args.workload == "drain":
             bulk = lambda n: client.enqueue_many([NOOP] * n)  # noqa: E731
-            c.emit(c.run_drain(script, args, bulk, unfinished_check(args.dsn)))
+            c.emit(c.run_drain(script, args, bulk, c.Backlog(args.dsn, BACKLOG)))
         elif args.workload == "latency":
 
             def one(t: float) -> None:

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as c
 
 SCRIPT = os.path.abspath(__file__)
+BACKLOG = "FROM pgqueuer"
 
 NOOP = json.dumps({"t": None}).encode()
 
@@ -42,14 +43,6 @@ async def driver(dsn: str, kind: str):
     from pgqueuer.db import PsycopgDriver
 
     return PsycopgDriver(await psycopg.AsyncConnection.connect(dsn, autocommit=True))
-
-
-def unfinished_check(dsn: str):
-    import psycopg
-
-    conn = psycopg.connect(dsn, autocommit=True)
-    # PGQueuer deletes a job from its queue table when it finishes (and logs it).
-    return lambda: bool(conn.execute("SELECT EXISTS (SELECT 1 FROM pgqueuer)").fetchone()[0])
 
 
 async def worker(args) -> None:
@@ -111,7 +104,7 @@ async def amain(args) -> None:
         return lambda *a: asyncio.run_coroutine_threadsafe(coro_fn(*a), loop).result()
 
     if args.workload == "drain":
-        result = await asyncio.to_thread(c.run_drain, script, args, sync(bulk), unfinished_check(args.dsn))
+        result = await asyncio.to_thread(c.run_drain, script, args, sync(bulk), c.Backlog(args.dsn, BACKLOG))
     elif args.workload == "latency":
 
         async def one(t: float) -> None:

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as c
 
 SCRIPT = os.path.abspath(__file__)
+BACKLOG = "FROM procrastinate_jobs WHERE status IN ('todo', 'doing')"
 
 
 def extra(p) -> None:
@@ -38,14 +39,6 @@ def make_app(dsn: str, marks: c.Marks | None = None):
             marks.hit(t)
 
     return app, noop
-
-
-def unfinished_check(dsn: str):
-    import psycopg
-
-    conn = psycopg.connect(dsn, autocommit=True)
-    q = "SELECT EXISTS (SELECT 1 FROM procrastinate_jobs WHERE status IN ('todo', 'doing'))"
-    return lambda: bool(conn.execute(q).fetchone()[0])
 
 
 async def worker(args) -> None:
@@ -89,7 +82,7 @@ async def amain(args) -> None:
 
         if args.workload == "drain":
             result = await asyncio.to_thread(
-                c.run_drain, script, args, sync(bulk), unfinished_check(args.dsn)
+                c.run_drain, script, args, sync(bulk), c.Backlog(args.dsn, BACKLOG)
             )
         elif args.workload == "latency":
 
