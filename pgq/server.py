@@ -10,6 +10,13 @@ aggregator when a queue aggregates, and the listener on a dedicated
 connection outside the pool (none with poll_only=True, for PgBouncer in
 transaction mode, where LISTEN does not work).
 
+Handlers: `async def` handlers run on the event loop and are cancelled at
+their deadline (timeout or deadline; 30 minutes when neither is set). Plain
+`def` handlers run in a pool of `concurrency` threads; Python cannot stop a
+thread, so at the deadline the task is failed (and retried) and its slot freed
+while the thread runs on until the handler returns. Such handlers should check
+`task.deadline` (an aware datetime) and stop in time.
+
 Signals (run() only): the first SIGTERM/SIGINT stops claiming, waits
 `shutdown_timeout` for running handlers, returns unfinished tasks to
 'pending' and flushes every outcome; a second one stops at once, leaving

@@ -151,6 +151,8 @@ class _Job:
         "id",
         "lease_until",
         "reason",
+        "replaced",
+        "started",
         "sync",
         "task",
         "timer",
@@ -169,6 +171,8 @@ class _Job:
         self.finished = False
         self.sync = False
         self.abandoned = False
+        self.started = False
+        self.replaced = False
         self.reason: BaseException | None = None
 
     def done(self, fut: asyncio.Future[Any]) -> None:
@@ -254,7 +258,10 @@ class _Threads:
                 return
             job, fn = item
             exc: BaseException | None = None
+            job.started = True  # before the check: see Worker._abandon
             if job.finished:
+                if job.replaced:
+                    return
                 continue
             try:
                 res = fn(job.task)
@@ -267,8 +274,8 @@ class _Threads:
                 w._loop.call_soon_threadsafe(w._sync_done, job, exc)
             except RuntimeError:  # the loop is closed: the process is shutting down
                 return
-            if job.abandoned:
-                return
+            if job.replaced:
+                return  # a replacement thread took this one's place
 
 
 async def _await(aw: Awaitable[Any]) -> Any:
@@ -613,12 +620,20 @@ class Worker:
         """Stop a running handler for `reason` and record the failure."""
         job.reason = reason
         if job.sync or job.handle is None:
-            job.abandoned = True
-            self._threads.replace()
+            self._abandon(job)
             self._call_error_handler(job.task, reason)
             self._finish_err(job, reason)
         else:
             job.handle.cancel()  # _async_done records the failure
+
+    def _abandon(self, job: _Job) -> None:
+        """Stop waiting for a sync handler. Its thread cannot be stopped: if it already
+        runs the handler, start a replacement so that the pool keeps its size (the
+        thread exits when the handler returns)."""
+        job.abandoned = True
+        if job.sync and job.started and not job.replaced:
+            job.replaced = True
+            self._threads.replace()
 
     def _release(self, job: _Job) -> None:
         job.finished = True
@@ -688,8 +703,7 @@ class Worker:
         job.reason = LeaseLost(why)
         self._release(job)
         if job.sync or job.handle is None:
-            job.abandoned = True
-            self._threads.replace()
+            self._abandon(job)
         else:
             job.handle.cancel()
 
