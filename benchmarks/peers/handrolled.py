@@ -86,14 +86,16 @@ def main() -> None:
         return
     conn = connect(args.dsn)
     conn.execute(SCHEMA)
-    noop = json.dumps({"t": None})
 
+    # Payloads are JSON-encoded per task, as every queue library does for its caller.
     def bulk(n: int) -> None:
-        conn.execute(INSERT_MANY, ([noop] * n,))
+        conn.execute(INSERT_MANY, ([json.dumps({"t": None}) for _ in range(n)],))
 
     if args.workload == "enqueue":
         cur = conn.cursor()
-        rate = c.timed_sync(args.n, lambda i: cur.execute(INSERT, ("noop", noop), prepare=True))
+        rate = c.timed_sync(
+            args.n, lambda i: cur.execute(INSERT, ("noop", json.dumps({"t": None})), prepare=True)
+        )
         c.emit({"rate": rate, "n": args.n})
     elif args.workload == "bulk":
         c.emit(c.bulk_rates(args.reps, args.bulk, bulk))

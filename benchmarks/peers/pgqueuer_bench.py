@@ -22,7 +22,10 @@ import _common as c
 SCRIPT = os.path.abspath(__file__)
 BACKLOG = "FROM pgqueuer"
 
-NOOP = json.dumps({"t": None}).encode()
+
+def payload(t: float | None = None) -> bytes:
+    """PGQueuer takes bytes: the caller encodes each payload, as pgq's Client does for it."""
+    return json.dumps({"t": t}).encode()
 
 
 def extra(p) -> None:
@@ -76,10 +79,10 @@ async def amain(args) -> None:
     await q.install()
 
     async def bulk(n: int) -> None:
-        await q.enqueue(["noop"] * n, [NOOP] * n, [0] * n)
+        await q.enqueue(["noop"] * n, [payload() for _ in range(n)], [0] * n)
 
     if args.workload == "enqueue":
-        rate = await c.timed_async(args.n, lambda i: q.enqueue("noop", NOOP))
+        rate = await c.timed_async(args.n, lambda i: q.enqueue("noop", payload()))
         c.emit({"rate": rate, "n": args.n})
         return
     loop = asyncio.get_running_loop()
@@ -108,7 +111,7 @@ async def amain(args) -> None:
     elif args.workload == "latency":
 
         async def one(t: float) -> None:
-            await q.enqueue("noop", json.dumps({"t": t}).encode())
+            await q.enqueue("noop", payload(t))
 
         async def steady(rate: float, duration: float) -> int:
             return await c.steady_async(rate, duration, one)
