@@ -371,6 +371,67 @@ class _Queries:
         return self._q_one
 
 
+#: enqueue_many of at least this many tasks goes through COPY when it can (see _copy_plan).
+COPY_MIN_TASKS = 64
+
+
+class _CopyPlan:
+    """What task_copy_in / task_enqueue_copied need: rows without ids, and the finishing params."""
+
+    __slots__ = ("finish", "n", "rows")
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        n = self.n = len(params["payload"])
+        group = params["group_key"]
+        timeout, retention = params["timeout"], params["retention"]
+        self.rows = [
+            (
+                params["task_id"][i],
+                params["queue"][i],
+                params["type"][i],
+                params["payload"][i],
+                params["headers"][i],
+                "pending" if group[i] is None else "aggregating",
+                group[i],
+                params["max_retry"][i],
+                _td(timeout[i]),
+                params["deadline"][i],
+                _td(retention[i]),
+            )
+            for i in range(n)
+        ]
+        arrivals: dict[tuple[str, str], int] = {}
+        for q, g in zip(params["queue"], group, strict=True):
+            if g is not None:
+                arrivals[(q, g)] = arrivals.get((q, g), 0) + 1
+        self.finish: dict[str, Any] = {
+            "queues": sorted(set(params["queue"])),
+            "arrival_queue": [k[0] for k in arrivals],
+            "arrival_group": [k[1] for k in arrivals],
+            "arrival_size": list(arrivals.values()),
+            "notify": params["notify"],
+        }
+
+    def result(self, ids: list[int], enqueued_at: datetime) -> list[tuple[Any, ...]]:
+        """Rows shaped like task_enqueue's: (id, task_id, queue, state, group_key, enqueued_at, run_at, _)."""
+        return [
+            (i, r[0], r[1], r[5], r[6], enqueued_at, enqueued_at, None)
+            for i, r in zip(ids, self.rows, strict=True)
+        ]
+
+
+def _copy_plan(params: dict[str, Any]) -> _CopyPlan | None:
+    """A COPY plan when every task is plain enough: no unique lock and no schedule
+    (then its state is known without the database clock), and the batch is large."""
+    if len(params["payload"]) < COPY_MIN_TASKS:
+        return None
+    for k in ("unique_ttl", "process_at", "process_in"):
+        v = params[k]
+        if v.count(None) != len(v):
+            return None
+    return _CopyPlan(params)
+
+
 def _compact(params: dict[str, Any]) -> dict[str, Any]:
     """The arrays of task_enqueue with each all-equal column (but payload) cut to one
     element, which the statement repeats: less to encode, send and parse."""
@@ -479,6 +540,9 @@ class Client(_Queries):
         self._q = _sql.query("task_enqueue", schema)
         self._q_one = one_row_query(self._q)
         self._q_plain = _sql.query("task_enqueue_plain", schema)
+        self._q_reserve = _sql.query("task_reserve_ids", schema)
+        self._q_copy = _sql.query("task_copy_in", schema)
+        self._q_copied = _sql.query("task_enqueue_copied", schema)
         self._q_notify = _sql.query("task_notify", schema)
         self._own_pool = pool is None
         self._pool = pool if pool is not None else db.pool(db.resolve_dsn(dsn), "client", max_size=8)
@@ -557,11 +621,26 @@ class Client(_Queries):
             cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
             if len(params["queue"]) == 1:
                 return cur.execute(self._single_query(params), _scalars(params)).fetchall()
-            return cur.execute(self._q, _compact(params)).fetchall()
+            plan = _copy_plan(params)
+            if plan is None:
+                return cur.execute(self._q, _compact(params)).fetchall()
+            if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                with conn.transaction():
+                    return self._copy(cur, plan)
+            return self._copy(cur, plan)
         except psycopg.errors.UniqueViolation as exc:
             raise _map_error(exc, params) from None
         except psycopg.errors.CheckViolation as exc:
             raise _map_check(exc) from None
+
+    def _copy(self, cur: psycopg.Cursor[tuple[Any, ...]], plan: _CopyPlan) -> list[tuple[Any, ...]]:
+        ids = [r[0] for r in cur.execute(self._q_reserve, {"n": plan.n}, binary=True)]
+        with cur.copy(self._q_copy) as copy:
+            for i, row in zip(ids, plan.rows, strict=True):
+                copy.write_row((i, *row))
+        done = cur.execute(self._q_copied, {**plan.finish, "first_id": ids[0]}).fetchone()
+        assert done is not None
+        return plan.result(ids, done[0])
 
     def _send_notify(self, queues: list[str]) -> None:
         try:
@@ -601,6 +680,9 @@ class AsyncClient(_Queries):
         self._q = _sql.query("task_enqueue", schema)
         self._q_one = one_row_query(self._q)
         self._q_plain = _sql.query("task_enqueue_plain", schema)
+        self._q_reserve = _sql.query("task_reserve_ids", schema)
+        self._q_copy = _sql.query("task_copy_in", schema)
+        self._q_copied = _sql.query("task_enqueue_copied", schema)
         self._q_notify = _sql.query("task_notify", schema)
         self._dsn = None if pool is not None else db.resolve_dsn(dsn)
         self._pool = pool
@@ -696,6 +778,12 @@ class AsyncClient(_Queries):
     ) -> list[tuple[Any, ...]]:
         try:
             cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
+            plan = None if len(params["queue"]) == 1 else _copy_plan(params)
+            if plan is not None:
+                if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                    async with conn.transaction():
+                        return await self._copy(cur, plan)
+                return await self._copy(cur, plan)
             if len(params["queue"]) == 1:
                 await cur.execute(self._single_query(params), _scalars(params))
             else:
@@ -705,6 +793,19 @@ class AsyncClient(_Queries):
             raise _map_error(exc, params) from None
         except psycopg.errors.CheckViolation as exc:
             raise _map_check(exc) from None
+
+    async def _copy(
+        self, cur: psycopg.AsyncCursor[tuple[Any, ...]], plan: _CopyPlan
+    ) -> list[tuple[Any, ...]]:
+        await cur.execute(self._q_reserve, {"n": plan.n}, binary=True)
+        ids = [r[0] for r in await cur.fetchall()]
+        async with cur.copy(self._q_copy) as copy:
+            for i, row in zip(ids, plan.rows, strict=True):
+                await copy.write_row((i, *row))
+        await cur.execute(self._q_copied, {**plan.finish, "first_id": ids[0]})
+        done = await cur.fetchone()
+        assert done is not None
+        return plan.result(ids, done[0])
 
     async def _trailing(self, delay: float | None) -> None:
         try:

@@ -104,6 +104,41 @@ FROM input i
 RETURNING id, task_id, queue, state, group_key, enqueued_at, run_at,
           (SELECT count(pg_notify('pgq_wake', q)) FROM unnest(%(notify)s::text[]) AS q) AS notified;
 
+-- name: task_copy_in
+-- returns: none
+-- enqueue_many's bulk path for tasks that need no unique lock and no schedule
+-- (state pending, or aggregating with a group): COPY with ids taken beforehand by
+-- task_reserve_ids; enqueued_at and run_at default to the COPY's statement time.
+-- task_enqueue_copied then does what task_enqueue does besides the insert.
+COPY pgq.task (id, task_id, queue, type, payload, headers, state, group_key, max_retry, timeout,
+               deadline, retention) FROM STDIN;
+
+-- name: task_reserve_ids
+-- returns: many
+-- %(n)s ids for tasks about to be copied in, ascending.
+SELECT nextval('pgq.task_id_seq') FROM generate_series(1, %(n)s);
+
+-- name: task_enqueue_copied
+-- returns: one
+-- After task_copy_in (same transaction): queue rows, group arrivals and the NOTIFY;
+-- returns the enqueue time of the copied tasks (that of the first one, %(first_id)s).
+WITH t AS (
+    SELECT enqueued_at FROM pgq.task WHERE id = %(first_id)s
+),
+queues AS (
+    INSERT INTO pgq.queue (name) SELECT unnest(%(queues)s::text[]) ON CONFLICT DO NOTHING
+),
+arrivals AS (
+    INSERT INTO pgq.group_arrival (queue, group_key, size, oldest_at, newest_at)
+    SELECT a.queue, a.group_key, a.size, t.enqueued_at, t.enqueued_at
+    FROM unnest(%(arrival_queue)s::text[], %(arrival_group)s::text[], %(arrival_size)s::int[])
+             AS a(queue, group_key, size),
+         t
+)
+SELECT t.enqueued_at,
+       (SELECT count(pg_notify('pgq_wake', q)) FROM unnest(%(notify)s::text[]) AS q) AS notified
+FROM t;
+
 -- name: task_notify
 -- returns: none
 -- A wake-up for queues whose enqueue skipped its NOTIFY (debounced).

@@ -605,3 +605,85 @@ def test_caller_connection_with_dict_rows(client: pgq.Client, dsn: str) -> None:
         info = client.enqueue(pgq.Task("t"), conn=c, task_id="dr")
         c.commit()
     assert info.id == "dr"
+
+
+# --- the two bulk paths (COPY for plain tasks, the statement otherwise) store the same rows -----
+
+
+def _bulk(n: int, queue: str) -> list[pgq.Task]:
+    deadline = datetime(2031, 1, 1, tzinfo=UTC)
+    return [
+        pgq.Task(
+            "t",
+            {"i": i, "s": 'tab\there\nnew \\ line "q" é'},
+            headers={"h": str(i)} if i % 3 else None,
+            group=f"g{i % 4}" if i % 2 else None,
+            max_retry=i % 5,
+            timeout=1.5 if i % 2 else None,
+            deadline=deadline if i % 3 == 0 else None,
+            retention=timedelta(hours=1) if i % 4 == 0 else None,
+            task_id=f"{queue}-{i}" if i % 5 == 0 else None,
+            queue=queue,
+        )
+        for i in range(n)
+    ]
+
+
+def test_copy_and_statement_paths_agree(
+    client: pgq.Client, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = pgq.client.COPY_MIN_TASKS + 6
+    via_copy = client.enqueue_many(_bulk(n, "a"))
+    monkeypatch.setattr(pgq.client, "COPY_MIN_TASKS", 10**9)
+    via_statement = client.enqueue_many(_bulk(n, "b"))
+    skip = {"id", "task_id", "queue", "enqueued_at", "run_at"}
+
+    def strip(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k not in skip} for r in rows]
+
+    a = conn.execute("SELECT * FROM pgq.task WHERE queue = 'a' ORDER BY id").fetchall()
+    b = conn.execute("SELECT * FROM pgq.task WHERE queue = 'b' ORDER BY id").fetchall()
+    assert strip(a) == strip(b) and len(a) == n
+    assert [r["payload"]["i"] for r in a] == list(range(n))
+    assert all(r["run_at"] == r["enqueued_at"] == a[0]["enqueued_at"] for r in a)
+    for x, y in zip(via_copy, via_statement, strict=True):
+        assert (x.state, x.group, x.max_retry, x.timeout, x.deadline, x.retention, x.headers) == (
+            y.state,
+            y.group,
+            y.max_retry,
+            y.timeout,
+            y.deadline,
+            y.retention,
+            y.headers,
+        )
+        assert x.next_process_at == x.enqueued_at is not None
+    assert [i.id for i in via_copy if not i.id.isdigit()] == [f"a-{i}" for i in range(0, n, 5)]
+    arrivals = conn.execute(
+        "SELECT queue, group_key, size FROM pgq.group_arrival ORDER BY queue, group_key"
+    ).fetchall()
+    assert [(r["group_key"], r["size"]) for r in arrivals if r["queue"] == "a"] == [
+        (g, s) for g, s in ((r["group_key"], r["size"]) for r in arrivals if r["queue"] == "b")
+    ]
+    assert sorted(r["name"] for r in conn.execute("SELECT name FROM pgq.queue")) == ["a", "b"]
+
+
+def test_copy_path_task_id_conflict_in_the_callers_transaction(
+    client: pgq.Client,
+    tx: psycopg.Connection[Any],
+    conn: psycopg.Connection[Any],
+    listener: psycopg.Connection[Any],
+) -> None:
+    n = pgq.client.COPY_MIN_TASKS
+    client.enqueue(pgq.Task("t"), task_id="taken")
+    _notifications(listener, 5, stop_after=1)
+    client.enqueue(pgq.Task("mine"), conn=tx)
+    tasks = [pgq.Task("t", i) for i in range(n)] + [pgq.Task("t", task_id="taken")]
+    with pytest.raises(pgq.TaskIDConflictError):
+        client.enqueue_many(tasks, conn=tx)
+    client.enqueue_many([pgq.Task("t", i) for i in range(n)], conn=tx, queue="q2")
+    tx.commit()
+    assert conn.execute("SELECT queue, count(*) AS n FROM pgq.task GROUP BY 1 ORDER BY 1").fetchall() == [
+        {"queue": "default", "n": 2},
+        {"queue": "q2", "n": n},
+    ]
+    assert sorted(_notifications(listener, 5, stop_after=2)) == ["default", "q2"]
