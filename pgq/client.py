@@ -251,6 +251,7 @@ def to_infos(
         params["retention"],
     )
     for r, (task, _), i in zip(rows, items, range(len(items)), strict=True):
+        t, k = timeout[i], retention[i]
         out.append(
             TaskInfo(
                 id=r[1] if r[1] is not None else str(r[0]),
@@ -262,10 +263,10 @@ def to_infos(
                 max_retry=max_retry[i],
                 next_process_at=r[6],
                 enqueued_at=r[5],
-                headers=dict(task.headers),
-                timeout=_td(timeout[i]),
+                headers=dict(task.headers) if task.headers else {},
+                timeout=None if t is None else timedelta(seconds=t),
                 deadline=deadline[i],
-                retention=_td(retention[i]),
+                retention=None if k is None else timedelta(seconds=k),
             )
         )
     return out

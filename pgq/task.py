@@ -155,7 +155,19 @@ _CONTAINERS = (dict, list, tuple)
 
 
 def _check_containers(value: Any) -> None:
-    """What json.dumps lets through: non-str keys (it coerces them) and nesting below the C limit."""
+    """What json.dumps lets through: non-str keys (it coerces them) and nesting below the C limit.
+
+    A flat dict (the usual payload) is checked in one pass; nested ones take the walk.
+    """
+    if type(value) is dict:
+        nested = False
+        for k, item in value.items():
+            if type(k) is not str and not isinstance(k, str):
+                raise PayloadTypeError(f"payload object keys must be str, found {type(k).__name__} key {k!r}")
+            if isinstance(item, _CONTAINERS):
+                nested = True
+        if not nested:
+            return
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         v, depth = stack.pop()
