@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pgq.client import AsyncClient, Client
+from pgq.config import GroupPolicy
 from pgq.errors import (
     ConfigError,
     DuplicateTaskError,
@@ -36,6 +37,7 @@ __all__ = [
     "DuplicateTaskError",
     "EnqueueError",
     "GroupInfo",
+    "GroupPolicy",
     "Inspector",
     "InvalidArgumentError",
     "InvalidName",
