@@ -322,3 +322,36 @@ def test_pgbouncer_samples(dsn: str, docs_env: Path) -> None:
         assert handled == [{"order_id": 10}]
     finally:
         sys.modules.pop("pooled_worker", None)
+
+
+def test_aggregation_recipes(dsn: str, docs_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The recipes' worker module with the digest's 10 min grace period cut short."""
+    import dataclasses
+
+    doc = DOCS / "howto-aggregation-recipes.md"
+    assert "pgq worker recipes:server" in doc.read_text()
+    ns = run_python_blocks(doc, docs_env)
+    close_all(ns)
+    module = importlib.import_module("recipes")
+    try:
+        assert isinstance(module.server, pgq.Server)
+        policies = dict(module.POLICIES)
+        policies["digests"] = dataclasses.replace(policies["digests"], grace_period=0.2, max_delay=None)
+        server = pgq.Server(queues={"digests": 1, "indexing": 2}, group_policies=policies)
+        server.start(module.mux)
+        try:
+            with pgq.Inspector(dsn) as insp:
+                deadline = time.monotonic() + 60
+                while (
+                    insp.get_queue_info("digests").processed < 1
+                    or insp.get_queue_info("indexing").processed < 3
+                ):
+                    assert time.monotonic() < deadline, "the recipes were not processed within 60 s"
+                    time.sleep(0.05)
+        finally:
+            server.shutdown()
+    finally:
+        sys.modules.pop("recipes", None)
+    out = capsys.readouterr().out
+    assert "digest to user:7: ['liked your post', 'followed you', 'mentioned you']" in out, out
+    assert sorted(re.findall(r"indexing (\d+) documents", out)) == ["50", "60", "60"], out
