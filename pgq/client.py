@@ -291,19 +291,22 @@ class WakeDebouncer:
     """Decides which queues an enqueue on pgq's own connection should NOTIFY.
 
     A queue notified less than `window` seconds ago is not notified again; it is
-    marked due for a trailing NOTIFY instead, which `take_due()` hands out once
-    the window has passed (unless a later enqueue notified first). With window=0
-    every enqueue notifies.
+    marked for a trailing NOTIFY instead. An enqueue that comes after the window
+    notifies (and so covers the skipped ones); `take_due()` hands out the trailing
+    NOTIFY only when no enqueue has done so one window after it became due. So a
+    steady stream costs one NOTIFY per window, carried by an enqueue's own
+    statement, and no extra transaction; a burst that stops is followed by one
+    trailing NOTIFY within two windows. With window=0 every enqueue notifies.
     """
 
     def __init__(self, window: float) -> None:
         self.window = window
         self._last: dict[str, float] = {}
-        self._trailing: dict[str, float] = {}
+        self._trailing: dict[str, float] = {}  # queue -> when the trailing NOTIFY is to be sent
         self._lock = threading.Lock()
 
     def choose(self, queues: Iterable[str]) -> tuple[list[str], float | None]:
-        """(queues to notify now, delay after which trailing ones are due, or None)."""
+        """(queues to notify now, delay after which a trailing one may be due, or None)."""
         if self.window <= 0:
             return sorted(set(queues)), None
         now = time.monotonic()
@@ -316,9 +319,9 @@ class WakeDebouncer:
                     self._trailing.pop(q, None)
                     notify.append(q)
                 else:
-                    due = last + self.window
-                    self._trailing[q] = due
-                    delay = due - now if delay is None else min(delay, due - now)
+                    at = last + 2 * self.window
+                    self._trailing[q] = at
+                    delay = at - now if delay is None else min(delay, at - now)
         return notify, delay
 
     def take_due(self) -> tuple[list[str], float | None]:
