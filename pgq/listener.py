@@ -72,6 +72,7 @@ class Listener:
         """Listen until `stop` is set, reconnecting with backoff."""
         delay = 0.05
         while not stop.is_set():
+            connects = self.connects
             try:
                 await self._session(stop)
                 delay = 0.05
@@ -81,6 +82,8 @@ class Listener:
                 self.listening.clear()
                 if stop.is_set():
                     break
+                if self.connects > connects:
+                    delay = 0.05  # it was listening: a new outage starts the back-off afresh
                 logger.warning(
                     "listener: connection lost (%s); reconnecting in %.2fs",
                     exc,

@@ -158,7 +158,7 @@ def test_r14_timeouts_and_table_lock(fdb: str, admin_dsn: str, workers: Any, cha
     assert line["recovery_max_s"] < 1.5
     assert line["max_idle_in_tx_s"] < 2
     # a lock held longer than the lease stops the heartbeat: tasks in flight may run again
-    assert line["dup"] <= (0 if hold < 10 else 2 * 4)
+    assert line["dup"] <= (0 if hold < 10 else episodes * 2 * 4)  # in flight: 2 workers x 4 slots
     assert line["listener_reconnects"] == 0 and line["leader_lost"] == 0
     assert line["log_lines_per_episode"] <= 40  # the plan's target is 5: see docs/reliability.md
 
