@@ -151,6 +151,22 @@ def _not_json(value: Any) -> Any:
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_not_json)
+# json's C encoder, called directly: a third of the cost of JSONEncoder.encode for a small
+# payload (no per-call encoder set-up). No circular-reference markers: a cycle ends in
+# RecursionError, which the exact walk below reports as too deep.
+_C_ENCODE: Callable[[Any, int], Any] | None = (
+    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+    if getattr(json.encoder, "c_make_encoder", None) is not None
+    else None
+)
+
+
+def _dumps(payload: Any) -> str:
+    if _C_ENCODE is not None:
+        return "".join(_C_ENCODE(payload, 0))
+    return _ENCODER.encode(payload)
 _CONTAINERS = (dict, list, tuple)
 
 
@@ -192,7 +208,7 @@ def encode_payload(payload: Any) -> str:
     rejects, and any text that may hold a NUL, gets the exact walk that names the problem.
     """
     try:
-        text = _ENCODER.encode(payload)
+        text = _dumps(payload)
     except PayloadTypeError:
         raise
     except (ValueError, TypeError, RecursionError) as exc:

@@ -258,3 +258,19 @@ def test_duplicates_within_one_batch() -> None:
                 (pgq.Task("t", {"b": 2, "a": 1}), {"unique": 60}),
             ]
         )
+
+
+def test_circular_payload() -> None:
+    a: list[Any] = []
+    a.append(a)
+    with pytest.raises(pgq.InvalidPayloadError, match="nested deeper"):
+        params(pgq.Task("t", a))
+
+
+def test_encoding_is_compact_json() -> None:
+    assert encode_payload({"a": [1, 2.5, None, True], "é": "x\n"}) == '{"a":[1,2.5,null,true],"é":"x\\n"}'
+    assert (
+        encode_payload("s") == '"s"'
+        and encode_payload(None) == "null"
+        and encode_payload(10**20) == str(10**20)
+    )
