@@ -23,6 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pgq import db
 from pgq.cli._common import EXIT_USAGE, DsnOption, fail
 from pgq.errors import ConfigError
 from pgq.mux import ServeMux
@@ -178,6 +179,13 @@ def register(app: typer.Typer) -> None:
         schema: Annotated[str | None, typer.Option("--schema", help="pgq's schema name.")] = None,
         log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning, error.")] = "info",
         log_format: Annotated[str, typer.Option("--log-format", help="text or json.")] = "text",
+        metrics_port: Annotated[
+            int | None,
+            typer.Option("--metrics-port", min=0, max=65535, help="Serve Prometheus metrics on this port."),
+        ] = None,
+        metrics_addr: Annotated[
+            str, typer.Option("--metrics-addr", help="Address the metrics endpoint binds to.")
+        ] = "0.0.0.0",
     ) -> None:
         """Run workers for MODULE:ATTR (a pgq.Server or a pgq.ServeMux)."""
         if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -204,6 +212,12 @@ def register(app: typer.Typer) -> None:
         except ConfigError as exc:
             fail(str(exc), EXIT_USAGE)
             raise
+        if metrics_port is not None:
+            # One exporter per command, in the supervisor when there are several processes:
+            # its figures cover the whole database, not one process.
+            from pgq.metrics import start_exporter
+
+            start_exporter(db.resolve_dsn(server._dsn), metrics_port, server.schema, addr=metrics_addr)
         if processes > 1:
             argv = [sys.executable, "-m", "pgq", *_child_args(sys.argv[1:])]
             raise typer.Exit(_supervise(argv, processes))
@@ -218,10 +232,10 @@ def _child_args(args: list[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if a in ("--processes", "-p"):
+        if a in ("--processes", "-p", "--metrics-port", "--metrics-addr"):
             skip = True
             continue
-        if a.startswith("--processes="):
+        if a.startswith(("--processes=", "--metrics-port=", "--metrics-addr=")):
             continue
         out.append(a)
     return out

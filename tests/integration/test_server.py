@@ -309,3 +309,28 @@ def test_worker_cli_runs_a_servemux(
     _, err = p.communicate(timeout=20)
     assert p.returncode == 0
     assert b'"action": "server_started"' in err  # structured (JSON) log lines
+
+
+def test_worker_serves_metrics_on_metrics_port(
+    dsn: str, app_dir: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pgq.Client(dsn) as client:
+        client.enqueue(pgq.Task("t"), queue="metricsq", process_in=3600)
+    p = spawn_worker(app_dir, dsn, "--metrics-port", str(port), "--metrics-addr", "127.0.0.1")
+    procs.append(p)
+
+    def scrape() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                return str(r.read().decode())
+        except OSError:
+            return None
+
+    body = wait_for(scrape, timeout=30, interval=0.1)
+    assert 'queue="metricsq"' in body and "pgq_tasks" in body
