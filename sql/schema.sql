@@ -190,13 +190,13 @@ DECLARE
     v_state text;
     v_id bigint;
 BEGIN
-    IF queue IS NULL OR btrim(queue) = '' THEN
+    IF queue IS NULL OR queue !~ '\S' THEN
         RAISE EXCEPTION 'pgq.enqueue: queue must not be blank' USING ERRCODE = '22023';
     END IF;
-    IF type IS NULL OR btrim(type) = '' THEN
+    IF type IS NULL OR type !~ '\S' THEN
         RAISE EXCEPTION 'pgq.enqueue: type must not be blank' USING ERRCODE = '22023';
     END IF;
-    IF group_key IS NOT NULL AND btrim(group_key) = '' THEN
+    IF group_key IS NOT NULL AND group_key !~ '\S' THEN
         RAISE EXCEPTION 'pgq.enqueue: group must not be blank' USING ERRCODE = '22023';
     END IF;
     IF length(queue) > 255 OR length(type) > 255 OR length(group_key) > 255 OR length(task_id) > 255 THEN
@@ -212,7 +212,7 @@ BEGIN
         RAISE EXCEPTION 'pgq.enqueue: task_id must not be all digits (reserved for generated ids)'
             USING ERRCODE = '22023';
     END IF;
-    IF task_id IS NOT NULL AND btrim(task_id) = '' THEN
+    IF task_id IS NOT NULL AND task_id !~ '\S' THEN
         RAISE EXCEPTION 'pgq.enqueue: task_id must not be blank' USING ERRCODE = '22023';
     END IF;
     IF process_in < interval '0' THEN

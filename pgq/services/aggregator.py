@@ -202,6 +202,10 @@ class _MembersChanged(Exception):
     the delete: the batch rolls back and its groups are looked at again next round."""
 
 
+#: Longest wait after a failed round (database trouble), in seconds.
+ROUND_RETRY_MAX = 2.0
+
+
 class AggregatorTimeout(TimeoutError):
     """The group aggregator did not return within aggregate_timeout."""
 
@@ -387,8 +391,10 @@ class Aggregator:
                     try:
                         res = await self.run_once(queues=queues)
                     except Exception as exc:
+                        # A round fails on database trouble (a lost connection, a restart):
+                        # retry soon, so that a leader never sits out long while it leads.
                         failures += 1
-                        delay = min(30.0, 0.25 * 2**failures)
+                        delay = min(ROUND_RETRY_MAX, 0.05 * 2**failures)
                         logger.warning(
                             "aggregator: round failed (%s); retrying in %.2f s",
                             _describe(exc),
