@@ -85,22 +85,21 @@ FROM ins ORDER BY ins.id;
 -- returns: one
 -- The common single enqueue (no group, no unique): the same row as task_enqueue
 -- builds, in a statement without the unnest, unique-lock and arrival steps, which
--- cost more than the insert itself for one row. Same parameters (scalars).
+-- cost more than the insert itself for one row. Same parameters (scalars). The
+-- Client runs a copy without the NOTIFY subquery when %(notify)s is empty.
 WITH queues AS (
     INSERT INTO pgq.queue (name) VALUES (%(queue)s) ON CONFLICT DO NOTHING
-),
-input AS (
-    SELECT coalesce(statement_timestamp() + %(process_in)s::float8 * interval '1 second',
-                    %(process_at)s::timestamptz, statement_timestamp()) AS run_at
 )
 INSERT INTO pgq.task (task_id, queue, type, payload, headers, state, max_retry, timeout, deadline,
                       retention, enqueued_at, run_at)
-SELECT %(task_id)s::text, %(queue)s::text, %(type)s::text, %(payload)s::jsonb, %(headers)s::jsonb,
-       CASE WHEN i.run_at > statement_timestamp() THEN 'scheduled' ELSE 'pending' END,
-       %(max_retry)s::int, %(timeout)s::float8 * interval '1 second', %(deadline)s::timestamptz,
-       %(retention)s::float8 * interval '1 second', statement_timestamp(),
-       greatest(i.run_at, statement_timestamp())
-FROM input i
+VALUES (%(task_id)s::text, %(queue)s::text, %(type)s::text, %(payload)s::jsonb, %(headers)s::jsonb,
+        CASE WHEN coalesce(statement_timestamp() + %(process_in)s::float8 * interval '1 second',
+                           %(process_at)s::timestamptz) > statement_timestamp()
+             THEN 'scheduled' ELSE 'pending' END,
+        %(max_retry)s::int, %(timeout)s::float8 * interval '1 second', %(deadline)s::timestamptz,
+        %(retention)s::float8 * interval '1 second', statement_timestamp(),
+        greatest(coalesce(statement_timestamp() + %(process_in)s::float8 * interval '1 second',
+                          %(process_at)s::timestamptz), statement_timestamp()))
 RETURNING id, task_id, queue, state, group_key, enqueued_at, run_at,
           (SELECT count(pg_notify('pgq_wake', q)) FROM unnest(%(notify)s::text[]) AS q) AS notified;
 
