@@ -167,6 +167,8 @@ def _dumps(payload: Any) -> str:
     if _C_ENCODE is not None:
         return "".join(_C_ENCODE(payload, 0))
     return _ENCODER.encode(payload)
+
+
 _CONTAINERS = (dict, list, tuple)
 
 
