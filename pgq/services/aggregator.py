@@ -176,9 +176,11 @@ class _Group:
     queue: str
     group: str
     errors: int
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    members: list[Task] = field(default_factory=list)  # read under the lock, in enqueue order
+    ids: list[int] = field(default_factory=list)  # their bigint keys, same order
+    public_ids: list[str] = field(default_factory=list)  # their ids as pgq shows them, same order
     capped: bool = False
-    taken: list[int] = field(default_factory=list)
+    taken: int = 0  # members aggregated: always a prefix of `members`
     error: str | None = None
     tasks: int = 0
 
@@ -186,12 +188,14 @@ class _Group:
 @dataclass(eq=False)
 class _Chunk:
     group: _Group
-    rows: list[dict[str, Any]]
+    start: int  # members[start:end] of the group
+    end: int
     func: Any
     tasks: list[Task]
     result: Any = None  # a Task, an exception, or _NOT_RUN
-    params: dict[str, Any] | None = None
+    row: dict[str, Any] | None = None  # the aggregated task as group_insert_aggregates reads it
     member_ids: list[str] = field(default_factory=list)
+    inserted: bool = False
 
 
 _NOT_RUN = object()
@@ -218,13 +222,42 @@ def _json_default(value: Any) -> Any:
 
 def _rows_json(chunks: Sequence[_Chunk]) -> str:
     """The aggregated tasks of `chunks` as the JSON document group_insert_aggregates reads."""
-    rows = []
-    for c in chunks:
-        assert c.params is not None
-        row = {k: c.params[k][0] for k in _INSERT_COLUMNS}
-        row["members"] = c.member_ids
-        rows.append(row)
-    return json.dumps(rows, default=_json_default, separators=(",", ":"))
+    return json.dumps([c.row for c in chunks], default=_json_default, separators=(",", ":"))
+
+
+def _insert_rows(results: Sequence[tuple[Task, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """build_params for several aggregated tasks at once, one row dict per task."""
+    params = build_params(results)
+    cols = [params[k] for k in _INSERT_COLUMNS]
+    return [dict(zip(_INSERT_COLUMNS, vals, strict=True)) for vals in zip(*cols, strict=True)]
+
+
+_new_task = Task.__new__
+_fromisoformat = datetime.fromisoformat
+
+
+def _members(doc: str | None, groups: Sequence[_Group]) -> None:
+    """Decode group_members' document into each group's Tasks (as Task._from_row builds them,
+    without a row dict, a jsonb decode and option checks per member: this is the hot path)."""
+    if not doc:
+        return
+    for ord_, id_, task_id, type_, payload, headers, max_retry, retried, enqueued_at in json.loads(doc):
+        g = groups[ord_ - 1]
+        t = _new_task(Task)
+        t.type = type_
+        t.payload = payload
+        t.headers = headers or {}
+        t.options = {"max_retry": max_retry}
+        t._id = public = task_id if task_id is not None else str(id_)
+        t._queue = g.queue
+        t._group = g.group
+        t._retried = retried
+        t._enqueued_at = _fromisoformat(enqueued_at)
+        t._deadline = None
+        t.result_writer = None
+        g.members.append(t)
+        g.ids.append(id_)
+        g.public_ids.append(public)
 
 
 def _is_async(func: Any) -> bool:
@@ -555,24 +588,23 @@ class Aggregator:
                     "cap": [self._cap(self._policies[g.queue]) for g in gl],
                 },
             )
-            for r in await cur.fetchall():
-                groups[(r["queue"], r["group_key"])].rows.append(r)
+            row = await cur.fetchone()
+            _members(row["members"] if row else None, gl)
             await _failpoints.hit_async("aggregate.after_select")
             chunks: list[_Chunk] = []
-            for (q, _), g in groups.items():
-                pol = self._policies[q]
+            for g in gl:
+                pol = self._policies[g.queue]
                 cap = self._cap(pol)
-                g.capped = cap is not None and len(g.rows) >= cap
+                g.capped = cap is not None and len(g.members) >= cap
                 if g.capped:
                     res.more = True
-                for part in self._plan(g.rows, pol, db_now):
-                    tasks = [Task._from_row(m) for m in part]
-                    chunks.append(_Chunk(g, part, pol.aggregator, tasks))
+                for start, end in self._plan(g.members, pol, db_now):
+                    chunks.append(_Chunk(g, start, end, pol.aggregator, g.members[start:end]))
             if chunks:
                 await self._call_all(chunks)
                 created = await self._insert(conn, chunks, res)
                 await _failpoints.hit_async("aggregate.after_insert")
-            taken = [m for g in groups.values() for m in g.taken]
+            taken = [i for g in gl if g.taken for i in g.ids[: g.taken]]
             if taken:
                 await cur.execute(self._q_delete, {"ids": "{" + ",".join(map(str, taken)) + "}"})
                 row = await cur.fetchone()
@@ -580,14 +612,19 @@ class Aggregator:
                 if deleted != len(taken):
                     raise _MembersChanged(f"expected to remove {len(taken)} members, removed {deleted}")
             await _failpoints.hit_async("aggregate.after_delete")
+            # Members left per group, known exactly unless only the first `cap` were read.
+            left = [None if g.capped else g.members[g.taken :] for g in gl]
             await cur.execute(
                 self._q_refresh,
                 {
                     "queue": [g.queue for g in gl],
                     "group_key": [g.group for g in gl],
-                    "taken": [len(g.taken) for g in gl],
+                    "taken": [g.taken for g in gl],
                     "error": [g.error for g in gl],
                     "hold": [self._backoff(g.errors) if g.error is not None else None for g in gl],
+                    "size": [None if m is None else len(m) for m in left],
+                    "oldest_at": [m[0].enqueued_at if m else None for m in left],
+                    "newest_at": [m[-1].enqueued_at if m else None for m in left],
                     "count_cap": self._count_cap,
                     "now": now,
                 },
@@ -624,24 +661,22 @@ class Aggregator:
                 )
 
     @staticmethod
-    def _plan(
-        rows: list[dict[str, Any]], policy: ResolvedPolicy, now: datetime
-    ) -> list[list[dict[str, Any]]]:
-        """Chunks to aggregate from a group's locked members (in enqueue order), per G3."""
-        chunks: list[list[dict[str, Any]]] = []
-        rest = rows
+    def _plan(members: list[Task], policy: ResolvedPolicy, now: datetime) -> list[tuple[int, int]]:
+        """Chunks to aggregate, as (start, end) slices of a group's locked members (in enqueue
+        order), per G3."""
+        n = len(members)
         s = policy.max_size
-        if s:
-            k = len(rows) // s
-            chunks = [rows[i * s : (i + 1) * s] for i in range(k)]
-            rest = rows[k * s :]
-        if rest:
-            newest = rest[-1]["enqueued_at"]
-            oldest = rest[0]["enqueued_at"]
+        k = n // s if s else 0
+        chunks = [(i * s, (i + 1) * s) for i in range(k)] if s else []
+        rest = k * s if s else 0
+        if rest < n:
+            newest = members[-1].enqueued_at
+            oldest = members[rest].enqueued_at
+            assert newest is not None and oldest is not None
             if newest <= now - timedelta(seconds=policy.grace_period) or (
                 policy.max_delay is not None and oldest <= now - timedelta(seconds=policy.max_delay)
             ):
-                chunks.append(rest)
+                chunks.append((rest, n))
         return chunks
 
     # ------------------------------------------------------------ user calls
@@ -721,38 +756,56 @@ class Aggregator:
         self, conn: psycopg.AsyncConnection[Any], chunks: list[_Chunk], res: AggregationResult
     ) -> list[Aggregate]:
         """Validate each result, insert the aggregated tasks, mark members taken; per-group failure."""
-        bulk: list[_Chunk] = []
-        risky: list[_Chunk] = []
         stopped: set[int] = set()  # ids of groups with a failed or unrun chunk
+        valid: list[_Chunk] = []
         for c in chunks:
             g = c.group
             if id(g) in stopped:
                 continue
-            err: str | None = None
             if c.result is _NOT_RUN:
                 stopped.add(id(g))
                 continue
+            err: str | None = None
             if isinstance(c.result, BaseException):
                 err = _describe(c.result)
             elif not isinstance(c.result, Task):
                 err = f"TypeError: group_aggregator must return a pgq.Task, not {type(c.result).__name__}"
-            else:
-                try:
-                    c.params = build_params([(c.result, {"queue": g.queue, "group": None})])
-                except Exception as exc:
-                    err = f"the aggregated task was refused: {_describe(exc)}"
             if err is not None:
                 g.error = err
                 stopped.add(id(g))
                 continue
-            assert c.params is not None
-            c.member_ids = [task_id_of(m) for m in c.rows]
-            if c.params["task_id"][0] is not None or c.params["unique_ttl"][0] is not None:
+            valid.append(c)
+        # Build every aggregated task's row at once (one option check per queue); if any is
+        # refused, build them one by one below so that only its group fails.
+        opts = {q: {"queue": q, "group": None} for q in {c.group.queue for c in valid}}
+        try:
+            built = _insert_rows([(c.result, opts[c.group.queue]) for c in valid]) if valid else []
+        except Exception:
+            built = []
+        else:
+            for c, r in zip(valid, built, strict=True):
+                c.row = r
+        bulk: list[_Chunk] = []
+        stopped.clear()  # `valid` holds only the chunks before each group's first failure
+        for c in valid:
+            g = c.group
+            if id(g) in stopped:
+                continue
+            if c.row is None:
+                try:
+                    c.row = _insert_rows([(c.result, opts[g.queue])])[0]
+                except Exception as exc:
+                    g.error = f"the aggregated task was refused: {_describe(exc)}"
+                    stopped.add(id(g))
+                    continue
+            c.member_ids = g.public_ids[c.start : c.end]
+            c.row["members"] = c.member_ids
+            if c.row["task_id"] is not None or c.row["unique_ttl"] is not None:
                 # A conflict must fail this group only: insert it under a savepoint now.
                 if not await self._insert_one(conn, c):
                     stopped.add(id(g))
                     continue
-                risky.append(c)
+                c.inserted = True
             else:
                 bulk.append(c)
         if bulk:
@@ -766,16 +819,17 @@ class Aggregator:
                 raise RuntimeError(f"aggregator: inserted {len(rows)} of {len(bulk)} aggregated tasks")
             for c, r in zip(bulk, rows, strict=True):
                 c.result = task_id_of(r)
+                c.inserted = True
         created: list[Aggregate] = []
         for c in chunks:
-            if c in bulk or c in risky:
-                c.group.taken.extend(m["id"] for m in c.rows)
+            if c.inserted:
+                c.group.taken = c.end
                 c.group.tasks += 1
                 created.append(Aggregate(c.group.queue, c.group.group, str(c.result), c.member_ids))
         return created
 
     async def _insert_one(self, conn: psycopg.AsyncConnection[Any], c: _Chunk) -> bool:
-        assert c.params is not None
+        assert c.row is not None
         params = {"rows": _rows_json([c]), "notify": [c.group.queue]}
         cur = conn.cursor(row_factory=dict_row)
         try:
@@ -785,7 +839,7 @@ class Aggregator:
         except psycopg.errors.UniqueViolation:
             c.group.error = _describe(
                 TaskIDConflictError(
-                    f"the aggregated task's task_id {c.params['task_id'][0]!r} already exists in queue "
+                    f"the aggregated task's task_id {c.row['task_id']!r} already exists in queue "
                     f"{c.group.queue!r}"
                 )
             )
