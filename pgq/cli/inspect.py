@@ -6,7 +6,7 @@ Exit codes: 0 ok; 1 not found or the operation was refused/failed; 2 bad usage.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Annotated
 
@@ -323,41 +323,45 @@ def register(app: typer.Typer) -> None:
         else:
             _task_detail(info)
 
+    def _task_action(
+        action: Callable[[Inspector, str, str], object],
+        queue: str,
+        task_id: str,
+        dsn: str | None,
+        schema: str,
+        done: str,
+    ) -> None:
+        with inspector(dsn, schema) as insp:
+            action(insp, queue, task_id)
+        typer.echo(done)
+
     @task_app.command("run")
     def task_run(
         task_id: TaskIdArg, queue: QueueOpt, dsn: DsnOption = None, schema: SchemaOption = "pgq"
     ) -> None:
         """Make a scheduled, retry, archived or aggregating task pending now."""
-        with inspector(dsn, schema) as insp:
-            insp.run_task(queue, task_id)
-        typer.echo(f"task {task_id} is pending")
+        _task_action(Inspector.run_task, queue, task_id, dsn, schema, f"task {task_id} is pending")
 
     @task_app.command("archive")
     def task_archive(
         task_id: TaskIdArg, queue: QueueOpt, dsn: DsnOption = None, schema: SchemaOption = "pgq"
     ) -> None:
         """Archive a pending, scheduled, retry or aggregating task."""
-        with inspector(dsn, schema) as insp:
-            insp.archive_task(queue, task_id)
-        typer.echo(f"task {task_id} archived")
+        _task_action(Inspector.archive_task, queue, task_id, dsn, schema, f"task {task_id} archived")
 
     @task_app.command("delete")
     def task_delete(
         task_id: TaskIdArg, queue: QueueOpt, dsn: DsnOption = None, schema: SchemaOption = "pgq"
     ) -> None:
         """Delete a task that is not active (releases its unique lock)."""
-        with inspector(dsn, schema) as insp:
-            insp.delete_task(queue, task_id)
-        typer.echo(f"task {task_id} deleted")
+        _task_action(Inspector.delete_task, queue, task_id, dsn, schema, f"task {task_id} deleted")
 
     @task_app.command("cancel")
     def task_cancel(
         task_id: TaskIdArg, queue: QueueOpt, dsn: DsnOption = None, schema: SchemaOption = "pgq"
     ) -> None:
         """Ask the worker running an active task to cancel it (best effort; the task is retried)."""
-        with inspector(dsn, schema) as insp:
-            insp.cancel_task(queue, task_id)
-        typer.echo(f"cancel sent for task {task_id}")
+        _task_action(Inspector.cancel_task, queue, task_id, dsn, schema, f"cancel sent for task {task_id}")
 
     def _bulk(
         verb: str,
