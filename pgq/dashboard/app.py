@@ -235,11 +235,14 @@ def _chart(days: list[Any], key: str, width: int = 560, height: int = 140) -> di
 # -- actions ------------------------------------------------------------------------
 
 
+ActionRun = Callable[[Inspector, dict[str, str]], str]
+
+
 @dataclass(frozen=True)
 class Action:
     fields: tuple[str, ...]
     title: str  # for the confirmation: formatted with the form's fields
-    run: Callable[[Inspector, dict[str, str]], str]  # returns the message shown afterwards
+    run: ActionRun  # returns the message shown afterwards
     danger: bool = False
 
 
@@ -253,51 +256,34 @@ def _check_state(state: str, allowed: tuple[str, ...], verb: str) -> str:
     return state
 
 
-def _task_run(i: Inspector, f: dict[str, str]) -> str:
-    i.run_task(f["queue"], f["id"])
-    return f"task {f['id']} is now pending"
+def _on_task(op: Callable[[Inspector, str, str], object], done: str) -> ActionRun:
+    """An action on one task (fields queue, id); `done` is formatted with the fields."""
+
+    def run(i: Inspector, f: dict[str, str]) -> str:
+        op(i, f["queue"], f["id"])
+        return done.format(**f)
+
+    return run
 
 
-def _task_archive(i: Inspector, f: dict[str, str]) -> str:
-    i.archive_task(f["queue"], f["id"])
-    return f"task {f['id']} archived"
+def _on_state(
+    op: Callable[[Inspector, str, str], int], allowed: tuple[str, ...], verb: str, done: str
+) -> ActionRun:
+    """An action on every task of a state (fields queue, state); refused for a state not in `allowed`."""
+
+    def run(i: Inspector, f: dict[str, str]) -> str:
+        return _n(op(i, f["queue"], _check_state(f["state"], allowed, verb)), "task") + done
+
+    return run
 
 
-def _task_delete(i: Inspector, f: dict[str, str]) -> str:
-    i.delete_task(f["queue"], f["id"])
-    return f"task {f['id']} deleted"
+def _on_group(op: Callable[[Inspector, str, str], int], done: str) -> ActionRun:
+    """An action on every member of an aggregation group (fields queue, group)."""
 
+    def run(i: Inspector, f: dict[str, str]) -> str:
+        return _n(op(i, f["queue"], f["group"]), "task") + done
 
-def _task_cancel(i: Inspector, f: dict[str, str]) -> str:
-    i.cancel_task(f["queue"], f["id"])
-    return f"cancellation of task {f['id']} sent to its worker"
-
-
-def _state_run_all(i: Inspector, f: dict[str, str]) -> str:
-    n = i.run_all_tasks(f["queue"], _check_state(f["state"], RUNNABLE_STATES, "run"))
-    return _n(n, "task") + " now pending"
-
-
-def _state_archive_all(i: Inspector, f: dict[str, str]) -> str:
-    n = i.archive_all_tasks(f["queue"], _check_state(f["state"], ARCHIVABLE_STATES, "archive"))
-    return _n(n, "task") + " archived"
-
-
-def _state_delete_all(i: Inspector, f: dict[str, str]) -> str:
-    n = i.delete_all_tasks(f["queue"], _check_state(f["state"], DELETABLE_STATES, "delete"))
-    return _n(n, "task") + " deleted"
-
-
-def _group_run_all(i: Inspector, f: dict[str, str]) -> str:
-    return _n(i.run_all_aggregating_tasks(f["queue"], f["group"]), "task") + " now pending"
-
-
-def _group_archive_all(i: Inspector, f: dict[str, str]) -> str:
-    return _n(i.archive_all_aggregating_tasks(f["queue"], f["group"]), "task") + " archived"
-
-
-def _group_delete_all(i: Inspector, f: dict[str, str]) -> str:
-    return _n(i.delete_all_aggregating_tasks(f["queue"], f["group"]), "task") + " deleted"
+    return run
 
 
 def _queue_pause(i: Inspector, f: dict[str, str]) -> str:
@@ -312,41 +298,58 @@ def _queue_unpause(i: Inspector, f: dict[str, str]) -> str:
 
 _UNDONE = " This cannot be undone."
 ACTIONS: dict[str, Action] = {
-    "task_run": Action(("queue", "id"), "Run task {id} of queue {queue} now?", _task_run),
-    "task_archive": Action(("queue", "id"), "Archive task {id} of queue {queue}?", _task_archive),
+    "task_run": Action(
+        ("queue", "id"),
+        "Run task {id} of queue {queue} now?",
+        _on_task(Inspector.run_task, "task {id} is now pending"),
+    ),
+    "task_archive": Action(
+        ("queue", "id"),
+        "Archive task {id} of queue {queue}?",
+        _on_task(Inspector.archive_task, "task {id} archived"),
+    ),
     "task_delete": Action(
-        ("queue", "id"), "Delete task {id} of queue {queue}?" + _UNDONE, _task_delete, danger=True
+        ("queue", "id"),
+        "Delete task {id} of queue {queue}?" + _UNDONE,
+        _on_task(Inspector.delete_task, "task {id} deleted"),
+        danger=True,
     ),
     "task_cancel": Action(
         ("queue", "id"),
         "Cancel active task {id} of queue {queue}? Its worker stops it and it is retried.",
-        _task_cancel,
+        _on_task(Inspector.cancel_task, "cancellation of task {id} sent to its worker"),
         danger=True,
     ),
     "state_run_all": Action(
-        ("queue", "state"), "Run every {state} task of queue {queue} now?", _state_run_all
+        ("queue", "state"),
+        "Run every {state} task of queue {queue} now?",
+        _on_state(Inspector.run_all_tasks, RUNNABLE_STATES, "run", " now pending"),
     ),
     "state_archive_all": Action(
-        ("queue", "state"), "Archive every {state} task of queue {queue}?", _state_archive_all
+        ("queue", "state"),
+        "Archive every {state} task of queue {queue}?",
+        _on_state(Inspector.archive_all_tasks, ARCHIVABLE_STATES, "archive", " archived"),
     ),
     "state_delete_all": Action(
         ("queue", "state"),
         "Delete every {state} task of queue {queue}?" + _UNDONE,
-        _state_delete_all,
+        _on_state(Inspector.delete_all_tasks, DELETABLE_STATES, "delete", " deleted"),
         danger=True,
     ),
     "group_run_all": Action(
         ("queue", "group"),
         "Run every member of group {group} (queue {queue}) now, each on its own, without aggregating?",
-        _group_run_all,
+        _on_group(Inspector.run_all_aggregating_tasks, " now pending"),
     ),
     "group_archive_all": Action(
-        ("queue", "group"), "Archive every member of group {group} (queue {queue})?", _group_archive_all
+        ("queue", "group"),
+        "Archive every member of group {group} (queue {queue})?",
+        _on_group(Inspector.archive_all_aggregating_tasks, " archived"),
     ),
     "group_delete_all": Action(
         ("queue", "group"),
         "Delete every member of group {group} (queue {queue})?" + _UNDONE,
-        _group_delete_all,
+        _on_group(Inspector.delete_all_aggregating_tasks, " deleted"),
         danger=True,
     ),
     "queue_pause": Action(
@@ -356,7 +359,6 @@ ACTIONS: dict[str, Action] = {
     ),
     "queue_unpause": Action(("queue",), "Resume queue {queue}?", _queue_unpause),
 }
-
 
 # -- the guard (auth, host, headers) --------------------------------------------------
 
