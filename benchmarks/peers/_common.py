@@ -124,7 +124,7 @@ def start_workers(
                 raise RuntimeError(f"worker exited before it was ready (rc={p.poll()})")
             if line.strip() == "ready":
                 break
-    time.sleep(1.0)  # let every worker reach its idle wait (LISTEN set up, first poll done)
+    time.sleep(0.5)  # let every worker reach its idle wait (LISTEN set up, first poll done)
     return procs
 
 
