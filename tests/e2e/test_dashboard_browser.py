@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ uvicorn = pytest.importorskip("uvicorn", reason="the dashboard extra is not inst
 
 import pgq  # noqa: E402
 from pgq.dashboard import Settings, create_app  # noqa: E402
+from tests.fixtures.util import free_port  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
 CHROMIUM_ARGS = [
@@ -55,18 +55,11 @@ WAIT_MS = 15_000
 expect = playwright_sync.expect
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def dashboard_url(dsn: str) -> Iterator[str]:
     """The dashboard served by uvicorn in a thread, refreshing every 0.5 s."""
     app = create_app(dsn, settings=Settings(refresh=0.5, group_grace_period=0.5))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="dashboard", daemon=True)
     thread.start()

@@ -14,12 +14,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+
+from tests.fixtures.util import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 FULL = os.environ.get("PGQ_FAULT_FULL", "") not in ("", "0")
@@ -44,18 +46,6 @@ def report(test: str, **figures: Any) -> dict[str, Any]:
         with open(path, "a") as f:
             f.write(json.dumps(line, default=str) + "\n")
     return line
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `cond` until it returns a truthy value; AssertionError naming `what` on timeout."""
-    end = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class WorkerProc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,6 +24,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 import pgq.migrate
+from tests.fixtures.util import free_port
 
 PG_BIN = Path(os.environ.get("PGQ_FAULT_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PG_USER = "postgres"
@@ -59,12 +59,6 @@ def available() -> str | None:
         except KeyError:
             return f"running as root and there is no {PG_USER!r} system user"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Cluster:

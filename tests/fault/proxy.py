@@ -17,7 +17,7 @@ import contextlib
 import threading
 from typing import Any
 
-from tests.fault.cluster import free_port
+from tests.fixtures.util import free_port
 
 
 class Proxy:

@@ -23,9 +23,9 @@ from tests.fault.chaos import (
     report,
     size,
     states,
-    wait_for,
     wait_ready,
 )
+from tests.fixtures.util import wait_for
 
 pytestmark = pytest.mark.fault
 

@@ -12,8 +12,9 @@ import psycopg
 import pytest
 
 import pgq
-from tests.fault.chaos import Chaos, ledger, lost, percentile, report, size, wait_for, wait_ready
+from tests.fault.chaos import Chaos, ledger, lost, percentile, report, size, wait_ready
 from tests.fault.cluster import Cluster
+from tests.fixtures.util import wait_for
 
 pytestmark = pytest.mark.fault
 

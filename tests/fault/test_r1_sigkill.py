@@ -19,9 +19,9 @@ from tests.fault.chaos import (
     percentile,
     report,
     size,
-    wait_for,
     wait_ready,
 )
+from tests.fixtures.util import wait_for
 
 pytestmark = pytest.mark.fault
 

@@ -16,7 +16,8 @@ from psycopg.rows import dict_row
 import pgq
 from pgq import tasks
 from pgq.tasks import DONE, Ack
-from tests.fault.chaos import Chaos, ledger, lost, report, states, wait_for, wait_ready
+from tests.fault.chaos import Chaos, ledger, lost, report, states, wait_ready
+from tests.fixtures.util import wait_for
 
 pytestmark = pytest.mark.fault
 

@@ -17,7 +17,8 @@ import psycopg
 import pytest
 
 import pgq
-from tests.fault.chaos import REPO, Chaos, report, size, wait_for, wait_ready
+from tests.fault.chaos import REPO, Chaos, report, size, wait_ready
+from tests.fixtures.util import wait_for
 
 pytestmark = pytest.mark.fault
 

@@ -18,8 +18,9 @@ import pytest
 import pgq
 from pgq import _sql
 from pgq.task import MAX_PAYLOAD_BYTES
-from tests.fault.chaos import SEED, report, size, wait_for
+from tests.fault.chaos import SEED, report, size
 from tests.fault.cluster import PG_BIN, PG_USER, Cluster
+from tests.fixtures.util import wait_for
 
 pytestmark = pytest.mark.fault
 

@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 import pgq
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
+from tests.fixtures.util import wait_for
 
 
 @pytest.mark.slow
@@ -49,7 +40,7 @@ def test_member_run_by_hand_is_processed_alone_and_cancel_reaches_handler(dsn: s
         server = pgq.Server(dsn, queues={"q": 1}, concurrency=2, poll_interval=0.2)
         server.start(mux)
         try:
-            wait_for(lambda: len(insp.servers()) == 1)
+            wait_for(lambda: len(insp.servers()) == 1, timeout=20)
             assert insp.get_task_info("q", member.id).state == "aggregating"
             insp.run_task("q", member.id)
             assert done.wait(20)
@@ -58,12 +49,12 @@ def test_member_run_by_hand_is_processed_alone_and_cancel_reaches_handler(dsn: s
 
             slow_task = client.enqueue(pgq.Task("slow"), queue="q", max_retry=3)
             assert started.wait(20)
-            wait_for(lambda: insp.get_task_info("q", slow_task.id).state == "active")
+            wait_for(lambda: insp.get_task_info("q", slow_task.id).state == "active", timeout=20)
             (srv,) = insp.servers()
             assert [w.task_id for w in srv.active_workers] == [slow_task.id]
             insp.cancel_task("q", slow_task.id)
             assert cancelled.wait(20)
-            wait_for(lambda: insp.get_task_info("q", slow_task.id).state != "active")
+            wait_for(lambda: insp.get_task_info("q", slow_task.id).state != "active", timeout=20)
             info = insp.get_task_info("q", slow_task.id)
             assert info.state in ("retry", "pending") and info.retried == 1
         finally:

@@ -10,7 +10,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +18,10 @@ import psycopg
 import pytest
 
 import pgq
+from tests.fixtures.util import free_port, wait_for
 
 Conn = psycopg.Connection[Any]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 APP = textwrap.dedent(
@@ -314,12 +304,9 @@ def test_worker_cli_runs_a_servemux(
 def test_worker_serves_metrics_on_metrics_port(
     dsn: str, app_dir: Path, procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    import socket
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with pgq.Client(dsn) as client:
         client.enqueue(pgq.Task("t"), queue="metricsq", process_in=3600)
     p = spawn_worker(app_dir, dsn, "--metrics-port", str(port), "--metrics-addr", "127.0.0.1")

@@ -10,7 +10,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import yaml
 from psycopg.conninfo import conninfo_to_dict
 
 import pgq
+from tests.fixtures.util import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -142,12 +142,6 @@ def test_client_service_runs_the_example_client() -> None:
         assert opt in res.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_worker_service_runs_the_tutorial_locally(dsn: str, tmp_path: Path) -> None:
     """The worker's command line, its inline module and the example client, run here."""
     data = compose()
@@ -157,7 +151,7 @@ def test_worker_service_runs_the_tutorial_locally(dsn: str, tmp_path: Path) -> N
     (tmp_path / target.name).write_text(module)
     argv = list(worker["command"])
     metrics_argv = list(data["services"]["metrics"]["command"])
-    port = _free_port()
+    port = free_port()
     metrics_argv[metrics_argv.index("--port") + 1] = str(port)
     metrics_argv[metrics_argv.index("--addr") + 1] = "127.0.0.1"
     env = {
