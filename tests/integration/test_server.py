@@ -72,6 +72,18 @@ def spawn_worker(app_dir: Path, dsn: str, *args: str) -> subprocess.Popen[bytes]
     )
 
 
+def wait_active(conn: Conn, task_id: str) -> None:
+    """Until a worker has claimed the task (its state is active)."""
+    wait_for(
+        lambda: (
+            conn.execute("SELECT state FROM pgq.task WHERE id = %s", (int(task_id),)).fetchone()
+            == {"state": "active"}
+        ),
+        timeout=20,
+        what=f"task {task_id} to be active",
+    )
+
+
 @pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
@@ -89,13 +101,7 @@ def test_sigkilled_worker_task_is_finished_by_another(
         info = client.enqueue(pgq.Task("block"), queue="default")
     p = spawn_worker(app_dir, dsn)
     procs.append(p)
-    wait_for(
-        lambda: (
-            conn.execute("SELECT state FROM pgq.task WHERE id = %s", (int(info.id),)).fetchone()
-            == {"state": "active"}
-        ),
-        timeout=20,
-    )
+    wait_active(conn, info.id)
     os.kill(p.pid, signal.SIGKILL)
     p.wait(10)
     killed_at = time.monotonic()
@@ -128,13 +134,7 @@ def test_sigterm_is_graceful(
         info = client.enqueue(pgq.Task("block"))
     p = spawn_worker(app_dir, dsn)
     procs.append(p)
-    wait_for(
-        lambda: (
-            conn.execute("SELECT state FROM pgq.task WHERE id = %s", (int(info.id),)).fetchone()
-            == {"state": "active"}
-        ),
-        timeout=20,
-    )
+    wait_active(conn, info.id)
     p.send_signal(signal.SIGTERM)
     assert p.wait(15) == 0
     r = conn.execute("SELECT state, retried FROM pgq.task WHERE id = %s", (int(info.id),)).fetchone()
@@ -216,13 +216,7 @@ def test_second_signal_exits_at_once(
         info = client.enqueue(pgq.Task("block"))
     p = spawn_worker(app_dir, dsn)
     procs.append(p)
-    wait_for(
-        lambda: (
-            conn.execute("SELECT state FROM pgq.task WHERE id = %s", (int(info.id),)).fetchone()
-            == {"state": "active"}
-        ),
-        timeout=20,
-    )
+    wait_active(conn, info.id)
     conn.execute("UPDATE pgq.task SET max_retry = 0 WHERE id = %s", (int(info.id),))
     p.send_signal(signal.SIGTERM)
     time.sleep(0.05)  # let the first signal be handled before the second
