@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,13 @@ def lost(dsn: str, ids: Iterable[int]) -> int:
     """Enqueued tasks (kept with retention) that are not completed."""
     ids = list(ids)
     return len(ids) - states(dsn, ids).get("completed", 0)
+
+
+def resumed_after(dsn: str, t: datetime) -> timedelta | None:
+    """How long after `t` (database time) the first task execution was logged; None before one is."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        row = c.execute("SELECT min(at) - %s FROM chaos.exec_log WHERE at > %s", (t, t)).fetchone()
+    return row[0] if row else None
 
 
 def pgq_idle_in_tx(admin_dsn: str, older_than: float = 1.0) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ loop, work resumes. R19: poison tasks: workers survive, healthy tasks are not lo
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -21,6 +22,7 @@ from tests.fault.chaos import (
     percentile,
     pgq_idle_in_tx,
     report,
+    resumed_after,
     size,
     states,
     wait_ready,
@@ -124,14 +126,7 @@ def test_r14_timeouts_and_table_lock(fdb: str, admin_dsn: str, workers: Any, cha
                 with psycopg.connect(fdb, autocommit=True) as c:
                     t_release = c.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
             chaos.record("unlock_table")
-
-            def resumed(t: Any = t_release) -> Any:
-                with psycopg.connect(fdb, autocommit=True) as c:
-                    row = c.execute(
-                        "SELECT min(at) - %s FROM chaos.exec_log WHERE at > %s", (t, t)
-                    ).fetchone()
-                return row and row[0]
-
+            resumed = functools.partial(resumed_after, fdb, t_release)
             recovery.append(wait_for(resumed, 20, "work to resume after the lock").total_seconds())
             log_lines.append(sum(p.log().count("\n") for p in procs) - sum(before))
         wait_for(lambda: lost(fdb, ids) == 0, size(60, 900), "every task completed", interval=0.25)

@@ -4,6 +4,7 @@ No acknowledged enqueue is lost; workers reconnect without restarting."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any
@@ -12,7 +13,7 @@ import psycopg
 import pytest
 
 import pgq
-from tests.fault.chaos import Chaos, ledger, lost, percentile, report, size, wait_ready
+from tests.fault.chaos import Chaos, ledger, lost, percentile, report, resumed_after, size, wait_ready
 from tests.fault.cluster import Cluster
 from tests.fixtures.util import wait_for
 
@@ -64,14 +65,7 @@ def test_r11_postgres_restarts_under_load(cluster: Cluster, fdb: str, workers: A
                 chaos.record("pg_restart", mode=mode, seconds=round(took, 3))
                 with psycopg.connect(fdb, autocommit=True) as c:
                     up = c.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
-
-                def resumed(up: Any = up) -> Any:
-                    with psycopg.connect(fdb, autocommit=True) as c:
-                        row = c.execute(
-                            "SELECT min(at) - %s FROM chaos.exec_log WHERE at > %s", (up, up)
-                        ).fetchone()
-                    return row and row[0]
-
+                resumed = functools.partial(resumed_after, fdb, up)
                 resume.append(
                     wait_for(resumed, 30, f"work to resume after restart -m {mode}").total_seconds()
                 )
