@@ -26,7 +26,8 @@ One round (`run_once`)
       per-group mutex between aggregators (a group held by another is left to
       it), and folds of those rows wait until we commit;
    b. read up to `cap` members per group, in enqueue order (enqueued_at, id),
-      in a statement of its own so that its snapshot follows the locks;
+      in a statement of its own so that its snapshot follows the locks; they
+      come as one JSON document, built straight into pgq.Task objects;
    c. re-check the rules on those real rows: with max_size S, the k*S oldest
       become k aggregated tasks of exactly S (G3); the rest becomes one more
       task when its own newest member is older than the grace period or its
@@ -38,21 +39,23 @@ One round (`run_once`)
    e. insert the aggregated tasks in the group's queue (G6) with their member
       ids (lineage, G8); tasks with task_id= or unique= each under a savepoint,
       so a conflict fails only that group;
-   f. delete the members and release their unique= locks, checking that every
-      one read in (b) was still 'aggregating'; if the inspector (or anyone)
+   f. delete the members by row address (ctid, read in b) and release their
+      unique= locks, checking that every one read in (b) was still
+      'aggregating' at that address with that id; if the inspector (or anyone)
       changed one meanwhile, the batch rolls back and is retried next round;
-   g. recompute each locked group's summary from its remaining members in a
-      fresh statement (it sees every member whose arrival was folded, so the
-      summary never undercounts), or delete it when none remain; record
-      aggregator errors there (errors + 1, last_error, retry_at = now +
-      back-off);
+   g. set each locked group's summary from the members read in (b) and not
+      taken (exact: the read saw every member whose arrival was folded), or
+      recount them in a fresh statement when only the first `cap` were read,
+      or delete the summary when none remain; record aggregator errors there
+      (errors + 1, last_error, retry_at = now + back-off);
    h. commit. Failpoints: aggregate.after_select, after_insert, after_delete,
       before_commit, after_commit.
 4. Compute when the next group becomes due (index endpoint lookups).
 
 Exactly once (G7). Members are only ever removed by the transaction that
-inserts their aggregated task, by id, with a count check: if any member read
-was no longer 'aggregating' when deleted, the whole batch rolls back. A
+inserts their aggregated task, by row address, with a count check (rows
+deleted = rows whose id was read = members taken): if any member read was no
+longer 'aggregating' at its address when deleted, the whole batch rolls back. A
 crash, a killed connection or a failed statement rolls the batch back too:
 members stay 'aggregating' and are eligible again at once (no reclaim
 timeout). Two aggregators cannot work on one group at once (the summary row
@@ -178,6 +181,7 @@ class _Group:
     errors: int
     members: list[Task] = field(default_factory=list)  # read under the lock, in enqueue order
     ids: list[int] = field(default_factory=list)  # their bigint keys, same order
+    tids: list[str] = field(default_factory=list)  # their row addresses ("(page,item)"), same order
     public_ids: list[str] = field(default_factory=list)  # their ids as pgq shows them, same order
     capped: bool = False
     taken: int = 0  # members aggregated: always a prefix of `members`
@@ -241,7 +245,7 @@ def _members(doc: str | None, groups: Sequence[_Group]) -> None:
     without a row dict, a jsonb decode and option checks per member: this is the hot path)."""
     if not doc:
         return
-    for ord_, id_, task_id, type_, payload, headers, max_retry, retried, enqueued_at in json.loads(doc):
+    for ord_, id_, task_id, type_, payload, headers, max_retry, retried, enqueued_at, tid in json.loads(doc):
         g = groups[ord_ - 1]
         t = _new_task(Task)
         t.type = type_
@@ -257,6 +261,7 @@ def _members(doc: str | None, groups: Sequence[_Group]) -> None:
         t.result_writer = None
         g.members.append(t)
         g.ids.append(id_)
+        g.tids.append(tid)
         g.public_ids.append(public)
 
 
@@ -606,11 +611,15 @@ class Aggregator:
                 await _failpoints.hit_async("aggregate.after_insert")
             taken = [i for g in gl if g.taken for i in g.ids[: g.taken]]
             if taken:
-                await cur.execute(self._q_delete, {"ids": "{" + ",".join(map(str, taken)) + "}"})
+                tids = '{"' + '","'.join([t for g in gl if g.taken for t in g.tids[: g.taken]]) + '"}'
+                ids = "{" + ",".join(map(str, taken)) + "}"
+                await cur.execute(self._q_delete, {"tids": tids, "ids": ids})
                 row = await cur.fetchone()
-                deleted = row["deleted"] if row else 0
-                if deleted != len(taken):
-                    raise _MembersChanged(f"expected to remove {len(taken)} members, removed {deleted}")
+                deleted, matched = (row["deleted"], row["matched"]) if row else (0, 0)
+                if deleted != len(taken) or matched != len(taken):
+                    raise _MembersChanged(
+                        f"expected to remove {len(taken)} members, removed {deleted} ({matched} of them read)"
+                    )
             await _failpoints.hit_async("aggregate.after_delete")
             # Members left per group, known exactly unless only the first `cap` were read.
             left = [None if g.capped else g.members[g.taken :] for g in gl]

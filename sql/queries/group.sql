@@ -14,8 +14,9 @@ WITH batch AS (
     SELECT ctid FROM pgq.group_arrival LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ),
 gone AS (
-    DELETE FROM pgq.group_arrival a
-    WHERE a.ctid = ANY(ARRAY(SELECT ctid FROM batch))
+    -- a join, not ctid = ANY(ARRAY(...)): that filter is a linear search per row
+    DELETE FROM pgq.group_arrival a USING batch b
+    WHERE a.ctid = b.ctid
     RETURNING a.queue, a.group_key, a.size, a.oldest_at, a.newest_at
 ),
 summed AS (
@@ -120,7 +121,7 @@ FOR UPDATE OF g SKIP LOCKED;
 -- The first %(cap)s members of each group locked by group_lock (NULL cap: all),
 -- in enqueue order (G5), as ONE JSON document: an array of
 -- [group ordinal (1-based position in the arrays), id, task_id, type, payload,
--- headers, max_retry, retried, enqueued_at]. One document decodes in a single
+-- headers, max_retry, retried, enqueued_at, ctid]. One document decodes in a single
 -- C call, far cheaper than a row and a jsonb value per member (payloads are
 -- embedded as they are stored, so they decode as psycopg would decode them;
 -- enqueued_at is ISO 8601 with microseconds and the session's offset).
@@ -131,12 +132,13 @@ FOR UPDATE OF g SKIP LOCKED;
 -- 'aggregating' (anything else removed one, say the inspector: the batch
 -- rolls back).
 SELECT json_agg(json_build_array(c.ord, m.id, m.task_id, m.type, m.payload, m.headers,
-                                 m.max_retry, m.retried, m.enqueued_at)
+                                 m.max_retry, m.retried, m.enqueued_at, m.ctid)
                 ORDER BY c.ord, m.enqueued_at, m.id)::text AS members
 FROM unnest(%(queue)s::text[], %(group_key)s::text[], %(cap)s::int[]) WITH ORDINALITY
      AS c(queue, group_key, cap, ord)
 CROSS JOIN LATERAL (
-    SELECT t.id, t.task_id, t.type, t.payload, t.headers, t.max_retry, t.retried, t.enqueued_at
+    SELECT t.id, t.task_id, t.type, t.payload, t.headers, t.max_retry, t.retried, t.enqueued_at,
+           t.ctid
     FROM pgq.task t
     WHERE t.queue = c.queue AND t.group_key = c.group_key AND t.state = 'aggregating'
     ORDER BY t.enqueued_at, t.id
@@ -203,14 +205,18 @@ FROM ins ORDER BY ins.id;
 
 -- name: group_delete_members
 -- returns: one
--- Remove aggregated members (%(ids)s: a bigint array literal, '{1,2,3}', far
--- cheaper to send than thousands of bound ints) and release their unique=
--- locks. Every one must still be 'aggregating' (the caller checks the count
--- and rolls back otherwise): a row that changed meanwhile waits for the other
--- writer and is then left out.
+-- Remove aggregated members and release their unique= locks. %(tids)s: the
+-- members' row addresses as group_members read them, a tid array literal
+-- ('{"(0,1)","(0,2)"}'); %(ids)s: their ids, a bigint array literal. Deleting
+-- by address (a TID scan) costs half of an index probe per member. Every one
+-- must still be 'aggregating' and still be the row read: the caller checks
+-- deleted = matched = the number sent and rolls back otherwise. A row updated
+-- or deleted meanwhile is not at its address any more (or waits for the other
+-- writer and is then left out); a slot reused by another row is deleted but
+-- not matched by id, so the rollback undoes it.
 WITH gone AS (
     DELETE FROM pgq.task t
-    WHERE t.id = ANY(%(ids)s::text::bigint[]) AND t.state = 'aggregating'
+    WHERE t.ctid = ANY(%(tids)s::text::tid[]) AND t.state = 'aggregating'
     RETURNING t.id, t.queue, t.unique_key
 ),
 unlocked AS (
@@ -219,7 +225,10 @@ unlocked AS (
       AND u.task = gone.id
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM gone)::int AS deleted, (SELECT count(*) FROM unlocked)::int AS unlocked;
+SELECT (SELECT count(*) FROM gone)::int AS deleted,
+       (SELECT count(*) FROM gone JOIN unnest(%(ids)s::text::bigint[]) AS x(id) ON x.id = gone.id)::int
+           AS matched,
+       (SELECT count(*) FROM unlocked)::int AS unlocked;
 
 -- name: group_refresh
 -- returns: one
