@@ -32,6 +32,7 @@ class Ack(NamedTuple):
     error: str | None = None
     result: str | None = None  # JSON text
     failed: bool = False
+    plain: bool = False  # the task has no retention: a done without result is a plain delete
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Queries:
     claim: LiteralString
     next_due: LiteralString
     ack: LiteralString
+    ack_done: LiteralString
     extend: LiteralString
     heartbeat: LiteralString
     server_delete: LiteralString
@@ -52,6 +54,7 @@ class Queries:
             claim=q("task_claim_many", schema),
             next_due=q("task_next_due", schema),
             ack=q("task_ack_many", schema),
+            ack_done=q("task_ack_done", schema),
             extend=q("task_extend_leases", schema),
             heartbeat=q("server_heartbeat", schema),
             server_delete=q("server_delete", schema),
@@ -101,10 +104,27 @@ def _text_or_nulls(values: Sequence[str | None]) -> str | list[str | None]:
 async def ack_many(
     cur: AsyncCursor[Any], q: Queries, acks: Sequence[Ack], *, now: datetime | None = None
 ) -> set[int]:
-    """Apply a batch of outcomes in one statement; the ids whose fence held."""
+    """Apply a batch of outcomes (one statement, two when plain completions come with
+    other outcomes); the ids whose fence held."""
     if not acks:
         return set()
     acks = sorted(acks)
+    plain = [a for a in acks if a.plain and a.kind == DONE and a.result is None]
+    if plain:
+        await cur.execute(
+            q.ack_done,
+            {
+                "id": _int_array([a.id for a in plain]),
+                "attempt": _int_array([a.attempt for a in plain]),
+                "now": now,
+            },
+            prepare=True,
+        )
+        applied = {_first(r) for r in await cur.fetchall()}
+        if len(plain) == len(acks):
+            return applied
+        acks = [a for a in acks if not (a.plain and a.kind == DONE and a.result is None)]
+        return applied | await ack_many(cur, q, acks, now=now)
     n = len(acks)
     kinds = [a.kind for a in acks]
     if all(k == DONE for k in kinds):  # the hot path: plain completions

@@ -12,7 +12,9 @@
 -- skipped. pending, and scheduled/retry tasks whose run_at has come, are all
 -- claimable: no forwarder moves them first. attempt + 1 is the new fencing token.
 -- The returned deadline is the effective one: started + timeout or deadline,
--- whichever is first, and 30 minutes when neither is set (as Asynq).
+-- whichever is first, and 30 minutes when neither is set (as Asynq). payload and
+-- headers come as JSON text (the worker decodes them); plain: no retention, so
+-- a completion is a plain delete (task_ack_done).
 WITH picked AS MATERIALIZED (
     SELECT c.id, q.ord
     FROM unnest(%(queues)s::text[]) WITH ORDINALITY AS q(name, ord)
@@ -36,16 +38,18 @@ claimed AS (
         started_at = coalesce(%(now)s::timestamptz, now()),
         lease_expires_at = coalesce(%(now)s::timestamptz, now()) + %(lease)s * interval '1 second'
     FROM picked
-    WHERE t.id = picked.id
+    -- = ANY(ARRAY(...)) keeps the generic plan (the worker prepares this statement) on
+    -- the primary key: it cannot know how many rows LIMIT %(limit)s lets through.
+    WHERE t.id = ANY(ARRAY(SELECT id FROM picked)) AND t.id = picked.id
     RETURNING picked.ord, t.run_at, t.id, t.task_id, t.queue, t.type, t.payload, t.headers, t.group_key,
               t.retried, t.max_retry, t.attempt, t.enqueued_at,
               CASE WHEN t.timeout IS NULL AND t.deadline IS NULL
                    THEN t.started_at + interval '30 minutes'
                    ELSE least(t.started_at + t.timeout, t.deadline) END AS deadline,
-              t.started_at
+              t.started_at, t.retention IS NULL AS plain
 )
-SELECT id, task_id, queue, type, payload, headers, group_key, retried, max_retry, attempt, enqueued_at,
-       deadline, extract(epoch FROM deadline - started_at)::float8 AS remaining
+SELECT id, task_id, queue, type, payload::text, headers::text, group_key, retried, max_retry, attempt,
+       enqueued_at, deadline, extract(epoch FROM deadline - started_at)::float8 AS remaining, plain
 FROM claimed
 ORDER BY ord, run_at, id;
 
@@ -147,6 +151,34 @@ stats AS (
         SET processed = s.processed + excluded.processed, failed = s.failed + excluded.failed
 )
 SELECT id FROM finished;
+
+-- name: task_ack_done
+-- returns: many
+-- The hot path of task_ack_many: plain completions (kind done, no result) of
+-- tasks the worker knows have no retention. Deleted in one statement fenced on
+-- (id, attempt, active, retention IS NULL), without locking them first; the
+-- input must be ordered by id (locks are taken in that order, as in
+-- task_ack_many). Returns the ids applied. Counts go to stat_daily as done.
+WITH deleted AS (
+    DELETE FROM pgq.task t
+    USING unnest(%(id)s::bigint[], %(attempt)s::int[]) AS i(id, attempt)
+    WHERE t.id = i.id AND t.attempt = i.attempt AND (t.state = 'active') IS TRUE
+      AND t.retention IS NULL
+    RETURNING t.id, t.queue, t.unique_key
+),
+unlocked AS (
+    DELETE FROM pgq.unique_lock u
+    USING deleted f
+    WHERE f.unique_key IS NOT NULL AND u.queue = f.queue AND u.key = f.unique_key AND u.task = f.id
+),
+stats AS (
+    INSERT INTO pgq.stat_daily AS s (queue, day, processed, failed)
+    SELECT f.queue, coalesce(%(now)s::timestamptz, now())::date, count(*), 0
+    FROM deleted f
+    GROUP BY f.queue
+    ON CONFLICT (queue, day) DO UPDATE SET processed = s.processed + excluded.processed
+)
+SELECT id FROM deleted;
 
 -- name: task_extend_leases
 -- returns: many

@@ -46,7 +46,7 @@ def serving(server: pgq.Server, mux: pgq.ServeMux) -> Iterator[pgq.Server]:
 def row(conn: Conn, pk: str) -> dict[str, Any]:
     r = conn.execute("SELECT * FROM pgq.task WHERE id = %s", (int(pk),)).fetchone()
     assert r is not None, f"task {pk} is gone"
-    return r
+    return dict(r)
 
 
 def gone(conn: Conn, pk: str) -> bool:
@@ -201,7 +201,10 @@ def test_scheduled_and_retry_tasks_start_when_due(dsn: str, client: pgq.Client) 
     assert 0.45 <= gap <= 1.2, gap
 
 
-def test_stale_ack_is_rejected_and_batch_applies_the_rest(dsn: str, conn: Conn, client: pgq.Client) -> None:
+@pytest.mark.parametrize("plain", [False, True], ids=["general", "plain-delete-path"])
+def test_stale_ack_is_rejected_and_batch_applies_the_rest(
+    dsn: str, conn: Conn, client: pgq.Client, plain: bool
+) -> None:
     infos = client.enqueue_many([pgq.Task("t", i) for i in range(3)])
     ids = [int(i.id) for i in infos]
     q = tasks.Queries.load("pgq")
@@ -216,8 +219,8 @@ def test_stale_ack_is_rejected_and_batch_applies_the_rest(dsn: str, conn: Conn, 
                 cur,
                 q,
                 [
-                    tasks.Ack(ids[0], 1, tasks.DONE),
-                    tasks.Ack(ids[1], 1, tasks.DONE),
+                    tasks.Ack(ids[0], 1, tasks.DONE, plain=plain),
+                    tasks.Ack(ids[1], 1, tasks.DONE, plain=plain),
                     tasks.Ack(ids[2], 1, tasks.RETRY, 10.0, "boom", None, True),
                 ],
             )
