@@ -106,6 +106,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import json
 import logging
@@ -234,6 +235,13 @@ def _insert_rows(results: Sequence[tuple[Task, dict[str, Any]]]) -> list[dict[st
     params = build_params(results)
     cols = [params[k] for k in _INSERT_COLUMNS]
     return [dict(zip(_INSERT_COLUMNS, vals, strict=True)) for vals in zip(*cols, strict=True)]
+
+
+def _pipeline(conn: psycopg.AsyncConnection[Any]) -> contextlib.AbstractAsyncContextManager[Any]:
+    """Pipeline mode (statements sent together, one round trip) where libpq supports it."""
+    if psycopg.Pipeline.is_supported():
+        return conn.pipeline()
+    return contextlib.nullcontext()
 
 
 _new_task = Task.__new__
@@ -386,17 +394,37 @@ class Aggregator:
             "now": now,
         }
         async with self._pool.connection() as conn:
-            res.arrivals = await self._fold(conn)
+            # Fold and due check in one round trip (the due check, a statement of its own,
+            # sees the fold). If the fold hit its limit, fold the rest and check again.
+            fold_cur = conn.cursor(row_factory=dict_row)
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(self._q_due, {**arrays, "limit": self.batch_size})
+            due_params = {**arrays, "limit": self.batch_size}
+            async with _pipeline(conn):
+                await fold_cur.execute(self._q_fold, {"limit": self.fold_limit})
+                await cur.execute(self._q_due, due_params)
+            row = await fold_cur.fetchone()
             due = await cur.fetchall()
+            res.arrivals = row["arrivals"] if row else 0
+            groups = row["groups"] if row else 0
+            if res.arrivals >= self.fold_limit:
+                n, g = await self._fold(conn)
+                res.arrivals += n
+                await self._analyze_after(conn, groups + g)
+                await cur.execute(self._q_due, due_params)
+                due = await cur.fetchall()
+            else:
+                await self._analyze_after(conn, groups)
             res.due = len(due)
             if len(due) >= 2 * self.min_split and self.parallel > 1:
                 # Two or more batch transactions at once, each on its own connection:
                 # one runs Python (aggregators) while the other waits on the database.
+                # The first part runs on this round's connection: a pool of two is enough.
                 n = min(self.parallel, len(due) // self.min_split)
-                parts = [due[i::n] for i in range(n)]
-                await asyncio.gather(*(self._aggregate_on_own_conn(p, now, res) for p in parts))
+                parts = [sorted(due[i::n], key=lambda d: (d["queue"], d["group_key"])) for i in range(n)]
+                await asyncio.gather(
+                    self._aggregate_batch(conn, parts[0], now, res),
+                    *(self._aggregate_on_own_conn(p, now, res) for p in parts[1:]),
+                )
             elif due:
                 await self._aggregate_batch(conn, due, now, res)
             if len(due) >= self.batch_size:
@@ -467,7 +495,8 @@ class Aggregator:
 
     # ------------------------------------------------------------------ rounds
 
-    async def _fold(self, conn: psycopg.AsyncConnection[Any]) -> int:
+    async def _fold(self, conn: psycopg.AsyncConnection[Any]) -> tuple[int, int]:
+        """Fold arrivals until none is left (at most 100 batches): (arrivals, group rows)."""
         total = groups = 0
         cur = conn.cursor(row_factory=dict_row)
         for _ in range(100):
@@ -478,6 +507,10 @@ class Aggregator:
             groups += row["groups"] if row else 0
             if n < self.fold_limit:
                 break
+        return total, groups
+
+    async def _analyze_after(self, conn: psycopg.AsyncConnection[Any], groups: int) -> None:
+        """ANALYZE task_group once ANALYZE_AFTER_GROUPS group rows were folded since the last."""
         self._folded_groups += groups
         if self._folded_groups >= ANALYZE_AFTER_GROUPS:
             self._folded_groups = 0
@@ -485,7 +518,6 @@ class Aggregator:
                 await conn.execute(self._q_analyze)
             except psycopg.Error as exc:  # not the table owner: autovacuum will do it
                 logger.debug("aggregator: ANALYZE task_group failed: %s", exc)
-        return total
 
     def _cap(self, policy: ResolvedPolicy) -> int | None:
         s = policy.max_size
@@ -495,9 +527,7 @@ class Aggregator:
         self, due: Sequence[dict[str, Any]], now: datetime | None, res: AggregationResult
     ) -> None:
         async with self._pool.connection() as conn:
-            await self._aggregate_batch(
-                conn, sorted(due, key=lambda d: (d["queue"], d["group_key"])), now, res
-            )
+            await self._aggregate_batch(conn, due, now, res)
 
     async def _aggregate_batch(
         self,
@@ -605,15 +635,62 @@ class Aggregator:
                     res.more = True
                 for start, end in self._plan(g.members, pol, db_now):
                     chunks.append(_Chunk(g, start, end, pol.aggregator, g.members[start:end]))
+            bulk: list[_Chunk] = []
             if chunks:
                 await self._call_all(chunks)
-                created = await self._insert(conn, chunks, res)
-                await _failpoints.hit_async("aggregate.after_insert")
+                bulk = await self._prepare(conn, chunks)
+            # The bulk insert, the delete and the summary refresh go in one pipeline (one round
+            # trip). The delete and the refresh count on every bulk row being inserted: the
+            # insert's row count is checked below, and the batch rolls back if it falls short.
+            for c in bulk:
+                c.inserted = True
+            for c in chunks:
+                if c.inserted:
+                    c.group.taken = c.end
+                    c.group.tasks += 1
             taken = [i for g in gl if g.taken for i in g.ids[: g.taken]]
+            # Members left per group, known exactly unless only the first `cap` were read.
+            left = [None if g.capped else g.members[g.taken :] for g in gl]
+            ins_cur = conn.cursor(row_factory=dict_row)
+            async with _pipeline(conn):
+                if bulk:
+                    await ins_cur.execute(
+                        self._q_insert,
+                        {"rows": _rows_json(bulk), "notify": sorted({c.group.queue for c in bulk})},
+                    )
+                if taken:
+                    tids = '{"' + '","'.join([t for g in gl if g.taken for t in g.tids[: g.taken]]) + '"}'
+                    ids = "{" + ",".join(map(str, taken)) + "}"
+                    await cur.execute(self._q_delete, {"tids": tids, "ids": ids})
+                ref_cur = conn.cursor(row_factory=dict_row)
+                await ref_cur.execute(
+                    self._q_refresh,
+                    {
+                        "queue": [g.queue for g in gl],
+                        "group_key": [g.group for g in gl],
+                        "taken": [g.taken for g in gl],
+                        "error": [g.error for g in gl],
+                        "hold": [self._backoff(g.errors) if g.error is not None else None for g in gl],
+                        "size": [None if m is None else len(m) for m in left],
+                        "oldest_at": [m[0].enqueued_at if m else None for m in left],
+                        "newest_at": [m[-1].enqueued_at if m else None for m in left],
+                        "count_cap": self._count_cap,
+                        "now": now,
+                    },
+                )
+            if bulk:
+                rows = await ins_cur.fetchall()
+                if len(rows) != len(bulk):
+                    raise RuntimeError(f"aggregator: inserted {len(rows)} of {len(bulk)} aggregated tasks")
+                for c, r in zip(bulk, rows, strict=True):
+                    c.result = task_id_of(r)
+            created = [
+                Aggregate(c.group.queue, c.group.group, str(c.result), c.member_ids)
+                for c in chunks
+                if c.inserted
+            ]
+            await _failpoints.hit_async("aggregate.after_insert")
             if taken:
-                tids = '{"' + '","'.join([t for g in gl if g.taken for t in g.tids[: g.taken]]) + '"}'
-                ids = "{" + ",".join(map(str, taken)) + "}"
-                await cur.execute(self._q_delete, {"tids": tids, "ids": ids})
                 row = await cur.fetchone()
                 deleted, matched = (row["deleted"], row["matched"]) if row else (0, 0)
                 if deleted != len(taken) or matched != len(taken):
@@ -621,23 +698,6 @@ class Aggregator:
                         f"expected to remove {len(taken)} members, removed {deleted} ({matched} of them read)"
                     )
             await _failpoints.hit_async("aggregate.after_delete")
-            # Members left per group, known exactly unless only the first `cap` were read.
-            left = [None if g.capped else g.members[g.taken :] for g in gl]
-            await cur.execute(
-                self._q_refresh,
-                {
-                    "queue": [g.queue for g in gl],
-                    "group_key": [g.group for g in gl],
-                    "taken": [g.taken for g in gl],
-                    "error": [g.error for g in gl],
-                    "hold": [self._backoff(g.errors) if g.error is not None else None for g in gl],
-                    "size": [None if m is None else len(m) for m in left],
-                    "oldest_at": [m[0].enqueued_at if m else None for m in left],
-                    "newest_at": [m[-1].enqueued_at if m else None for m in left],
-                    "count_cap": self._count_cap,
-                    "now": now,
-                },
-            )
             await _failpoints.hit_async("aggregate.before_commit")
         await _failpoints.hit_async("aggregate.after_commit")
         for g in groups.values():
@@ -761,10 +821,10 @@ class Aggregator:
 
     # ---------------------------------------------------------------- insert
 
-    async def _insert(
-        self, conn: psycopg.AsyncConnection[Any], chunks: list[_Chunk], res: AggregationResult
-    ) -> list[Aggregate]:
-        """Validate each result, insert the aggregated tasks, mark members taken; per-group failure."""
+    async def _prepare(self, conn: psycopg.AsyncConnection[Any], chunks: list[_Chunk]) -> list[_Chunk]:
+        """Validate each result and build its row; per-group failure. Tasks with task_id= or
+        unique= are inserted here, each under a savepoint; the others are returned, for one
+        bulk insert."""
         stopped: set[int] = set()  # ids of groups with a failed or unrun chunk
         valid: list[_Chunk] = []
         for c in chunks:
@@ -817,25 +877,7 @@ class Aggregator:
                 c.inserted = True
             else:
                 bulk.append(c)
-        if bulk:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(
-                self._q_insert,
-                {"rows": _rows_json(bulk), "notify": sorted({c.group.queue for c in bulk})},
-            )
-            rows = await cur.fetchall()
-            if len(rows) != len(bulk):
-                raise RuntimeError(f"aggregator: inserted {len(rows)} of {len(bulk)} aggregated tasks")
-            for c, r in zip(bulk, rows, strict=True):
-                c.result = task_id_of(r)
-                c.inserted = True
-        created: list[Aggregate] = []
-        for c in chunks:
-            if c.inserted:
-                c.group.taken = c.end
-                c.group.tasks += 1
-                created.append(Aggregate(c.group.queue, c.group.group, str(c.result), c.member_ids))
-        return created
+        return bulk
 
     async def _insert_one(self, conn: psycopg.AsyncConnection[Any], c: _Chunk) -> bool:
         assert c.row is not None
