@@ -105,6 +105,7 @@ A paused queue still aggregates (G15): its aggregated tasks wait in
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import inspect
@@ -418,13 +419,24 @@ class Aggregator:
             if len(due) >= 2 * self.min_split and self.parallel > 1:
                 # Two or more batch transactions at once, each on its own connection:
                 # one runs Python (aggregators) while the other waits on the database.
-                # The first part runs on this round's connection: a pool of two is enough.
+                # Twice as many parts as connections, taken in turn: once the batches drift
+                # apart, one's Python work overlaps the other's database work. This round's
+                # connection is one of them: a pool of two is enough.
                 n = min(self.parallel, len(due) // self.min_split)
-                parts = [sorted(due[i::n], key=lambda d: (d["queue"], d["group_key"])) for i in range(n)]
-                await asyncio.gather(
-                    self._aggregate_batch(conn, parts[0], now, res),
-                    *(self._aggregate_on_own_conn(p, now, res) for p in parts[1:]),
+                k = min(2 * n, len(due) // self.min_split)
+                todo = collections.deque(
+                    sorted(due[i::k], key=lambda d: (d["queue"], d["group_key"])) for i in range(k)
                 )
+
+                async def drain(c: psycopg.AsyncConnection[Any]) -> None:
+                    while todo:
+                        await self._aggregate_batch(c, todo.popleft(), now, res)
+
+                async def drain_own() -> None:
+                    async with self._pool.connection() as c:
+                        await drain(c)
+
+                await asyncio.gather(drain(conn), *(drain_own() for _ in range(n - 1)))
             elif due:
                 await self._aggregate_batch(conn, due, now, res)
             if len(due) >= self.batch_size:
@@ -522,12 +534,6 @@ class Aggregator:
     def _cap(self, policy: ResolvedPolicy) -> int | None:
         s = policy.max_size
         return s * max(1, self.chunk_limit // s) if s else None
-
-    async def _aggregate_on_own_conn(
-        self, due: Sequence[dict[str, Any]], now: datetime | None, res: AggregationResult
-    ) -> None:
-        async with self._pool.connection() as conn:
-            await self._aggregate_batch(conn, due, now, res)
 
     async def _aggregate_batch(
         self,
