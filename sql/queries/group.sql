@@ -104,17 +104,23 @@ CROSS JOIN LATERAL (
 -- name: group_lock
 -- returns: many
 -- Inside the aggregation transaction: lock the summary rows of the candidate
--- groups, in (queue, group_key) order. SKIP LOCKED: a group another
--- aggregator holds is left to it. This row lock is the per-group mutex
--- between aggregators and folds of these rows wait for it; the back-off is
--- re-checked under the lock. `now` is the time the caller checks the rules at.
+-- groups, in (queue, group_key) order, each by a primary-key lookup (a join
+-- would scan the whole task_group). SKIP LOCKED: a group another aggregator
+-- holds is left to it (so an aggregator never waits on a row lock). This row lock is the per-group mutex between aggregators and folds of
+-- these rows wait for it; the back-off is re-checked under the lock. `now` is
+-- the time the caller checks the rules at.
 SELECT g.queue, g.group_key, g.errors, coalesce(%(now)s::timestamptz, now()) AS now
-FROM pgq.task_group g
-JOIN unnest(%(queue)s::text[], %(group_key)s::text[]) AS c(queue, group_key)
-  ON c.queue = g.queue AND c.group_key = g.group_key
-WHERE g.retry_at IS NULL OR g.retry_at <= coalesce(%(now)s::timestamptz, now())
-ORDER BY g.queue, g.group_key
-FOR UPDATE OF g SKIP LOCKED;
+FROM (SELECT DISTINCT queue, group_key FROM unnest(%(queue)s::text[], %(group_key)s::text[])
+          AS c(queue, group_key)
+      ORDER BY queue, group_key) c
+CROSS JOIN LATERAL (
+    SELECT g.queue, g.group_key, g.errors
+    FROM pgq.task_group g
+    WHERE g.queue = c.queue AND g.group_key = c.group_key
+      AND (g.retry_at IS NULL OR g.retry_at <= coalesce(%(now)s::timestamptz, now()))
+    FOR UPDATE SKIP LOCKED
+) g
+ORDER BY c.queue, c.group_key;
 
 -- name: group_members
 -- returns: one
