@@ -191,13 +191,17 @@ def pgq_drain(dsn: str, n: int, concurrency: int, cpu: Cpu) -> float:
             c.execute("SELECT pg_notify('pgq_wake', %s)", (queue,))
             if not all_run.wait(600):
                 raise RuntimeError(f"only {count} of {n} tasks ran")
-            while True:
-                left = c.execute("SELECT count(*) FROM pgq.task").fetchone()
-                if left is not None and left[0] == 0:
-                    break
+            # Every task has run, so what is left is active until its outcome is written. Asked
+            # through the partial index on active tasks: a count(*) over the drained table
+            # scans all of its dead rows, several ms of database CPU per poll.
+            active = "SELECT EXISTS (SELECT 1 FROM pgq.task WHERE state = 'active')"
+            while c.execute(active).fetchone() != (False,):
                 time.sleep(0.001)
             elapsed = time.perf_counter() - t0
             cpu.stop(n)
+            left = c.execute("SELECT count(*) FROM pgq.task").fetchone()
+            if left != (0,):
+                raise RuntimeError(f"{left} tasks left in pgq.task after the drain")
     finally:
         server.shutdown()
     return n / elapsed

@@ -355,6 +355,47 @@ async def configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:
     set_json_loads(safe_json_loads, conn)
 
 
+class _Wakeup:
+    """A flag the claimer sleeps on with a timeout: set() resumes the sleeper in the next
+    loop iteration (asyncio.wait_for on an Event takes a task and three more iterations)."""
+
+    __slots__ = ("_flag", "_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._flag = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._flag = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    async def wait(self, seconds: float) -> None:
+        """Return when set, or after `seconds`."""
+        if self._flag:
+            return
+        w = self._waiter = self._loop.create_future()
+        timer = self._loop.call_later(seconds, _resolve, w)
+        try:
+            await w
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class Worker:
     """Claims, runs and acknowledges tasks; see the module docstring."""
 
@@ -375,7 +416,7 @@ class Worker:
         self._acks: list[Ack] = []
         self._waiters: list[tuple[int, asyncio.Future[None] | concurrent.futures.Future[None]]] = []
         self._has_results = False
-        self._wake = asyncio.Event()
+        self._wake = _Wakeup(self._loop)
         self._slot_free = asyncio.Event()
         self._flush_wanted = asyncio.Event()
         self._flushed = asyncio.Event()
@@ -470,9 +511,12 @@ class Worker:
                         self._start(row, lease_until)
                     self.polled.set()
                     if len(rows) >= limit or self._stopping:
+                        # Claim again at once, before the tasks just started get to run: the
+                        # next claim is in flight while they run (the await yields to them).
                         backoff = 0.05
-                        await asyncio.sleep(0)
                         continue
+                    if rows:
+                        await asyncio.sleep(0)  # let the tasks just started begin first
                     wait = await tasks.next_due(cur, self.q, queues=self._queue_names)
                     backoff = 0.05
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
@@ -532,10 +576,7 @@ class Worker:
                 await self.pool.putconn(conn)
 
     async def _sleep(self, seconds: float) -> None:
-        if self._wake.is_set():
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+        await self._wake.wait(seconds)
 
     def stop_claiming(self) -> None:
         self._stopping = True
