@@ -194,13 +194,13 @@ class Sizes:
     def quick(cls) -> Sizes:
         return cls(
             rounds=1,
-            n_single=300,
+            n_single=200,
             bulk_reps=1,
-            n_drain=2000,
-            drain_budget=5.0,
-            duration=1.5,
-            agg_n=2000,
-            agg_groups=5,
+            n_drain=1000,
+            drain_budget=6.0,
+            duration=1.0,
+            agg_n=1000,
+            agg_groups=3,
         )
 
     def args_for(self, w: Workload) -> list[str]:
@@ -496,6 +496,10 @@ def report(
                 rr = ratios(run, w, s.key)
                 rat = f"{statistics.median(rr):.2f} ({min(rr):.2f}\u2013{max(rr):.2f})" if rr else "n/a"
             note = f" ({len(errs)} failed)" if errs else ""
+            slow = [r.data["first_s"] for r in rs.values() if r.data and (r.data.get("first_s") or 0) > 0.5]
+            if slow:
+                firsts = ", ".join(f"{x:.1f}" for x in slow)
+                note += f" \u2021 first task finished only {firsts} s after the enqueue"
             cut = [r for r in rs.values() if r.data and r.data.get("complete") is False]
             if cut:
                 done = ", ".join(f"{r.data['done']:,}" for r in cut)

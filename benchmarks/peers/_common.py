@@ -193,7 +193,10 @@ def run_drain(
         t0 = time.time()
         deadline = t0 + args.budget
         done = args.n
+        first: float | None = None  # when the first task was seen finished (count < n)
         while True:
+            if first is None and backlog.count() < args.n:
+                first = time.time()
             if backlog.empty():
                 t1 = time.time()
                 break
@@ -214,6 +217,7 @@ def run_drain(
         "n": args.n,
         "done": done,
         "complete": done == args.n,
+        "first_s": (first - t0) if first is not None else None,
         "processes": args.processes,
     }
 
