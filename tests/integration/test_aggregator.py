@@ -351,6 +351,63 @@ def test_aggregator_receives_read_only_facts_in_fifo_order(
     assert seen[3][3] == {"k": "v"}
 
 
+def test_members_are_the_tasks_a_row_makes(
+    make: Callable[..., Harness], members: Members, conn: psycopg.Connection[Any]
+) -> None:
+    """The aggregator builds member Tasks without Task._from_row (the hot path): every slot
+    must come out the same as a worker's Task of that row would have it."""
+    seen: list[pgq.Task] = []
+
+    def keep(group: str, ts: list[pgq.Task]) -> pgq.Task:
+        seen.extend(ts)
+        return pgq.Task("digest", group)
+
+    h = make(keep, grace_period=1)
+    members.add({"a": [1, 2.5, None, "é"]}, at=0, headers={"k": "v"}, max_retry=3)
+    members.add(7, at=0.5, task_id="mine")
+    rows = conn.execute(
+        "SELECT * FROM pgq.task WHERE state = 'aggregating' ORDER BY enqueued_at, id"
+    ).fetchall()
+    h.once(members.t(10))
+    assert len(seen) == len(rows) == 2
+    for t, row in zip(seen, rows, strict=True):
+        ref = pgq.Task._from_row(row)
+        for slot in pgq.Task.__slots__:
+            assert getattr(t, slot) == getattr(ref, slot), slot
+    assert seen[0].max_retry == 3 and seen[0].headers == {"k": "v"} and seen[1].id == "mine"
+    assert seen[0].payload == {"a": [1, 2.5, None, "é"]} and seen[0].enqueued_at == members.t(0)
+
+
+@pytest.mark.parametrize("group", ['a"b', "c\\d", "x,y", "{z}", "NULL", " sp ", "new\nline", "ü'"])
+def test_any_group_name_and_error_text_round_trips(
+    make: Callable[..., Harness], members: Members, conn: psycopg.Connection[Any], group: str
+) -> None:
+    """Group names and error texts travel as array literals: quotes, backslashes, commas,
+    braces, the word NULL and whitespace must all come back as they went."""
+    calls = 0
+
+    def flaky(g: str, ts: list[pgq.Task]) -> pgq.Task:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError(f'bad {g} \\ " {{}} ,')
+        return concat(g, ts)
+
+    h = make(flaky, grace_period=1, max_size=2)
+    members.add(1, at=0, group=group)
+    members.add(2, at=0.1, group=group)
+    members.add(3, at=0.2, group=group)
+    r = h.once(members.t(0.5))
+    assert r.failed == 1 and r.errors == {(Q, group): f'RuntimeError: bad {group} \\ " {{}} ,'}
+    [g] = summary(conn)
+    assert g["group_key"] == group and g["last_error"] == f'RuntimeError: bad {group} \\ " {{}} ,'
+    assert g["size"] == 3 and g["errors"] == 1
+    r = h.once(members.t(0.5) + timedelta(seconds=5))
+    assert (r.tasks, r.members) == (2, 3)
+    assert [a["payload"] for a in aggregates(conn)] == [[1, 2], [3]]
+    assert summary(conn) == []
+
+
 # --- scenario 7 / G9: failing aggregators ------------------------------------------------------------
 
 
