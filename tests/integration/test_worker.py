@@ -510,3 +510,70 @@ def test_completion_releases_the_unique_lock(dsn: str, conn: Conn, client: pgq.C
         wait_for(lambda: gone(conn, info.id))
     assert conn.execute("SELECT count(*) AS n FROM pgq.unique_lock").fetchone() == {"n": 0}
     client.enqueue(pgq.Task("u", {"k": 1}), unique=3600)  # accepted again
+
+
+def test_an_async_task_cancelled_before_its_handler_starts_is_failed_once() -> None:
+    """A cancel (or deadline) that lands between the claim and the handler's first step: the
+    handler never runs, and the failure is recorded once, not lost (no database needed)."""
+    from pgq import worker as w
+
+    ran: list[str] = []
+    seen: list[BaseException] = []
+
+    async def handler(task: pgq.Task) -> None:
+        ran.append(task.type)
+
+    async def run() -> list[tasks.Ack]:
+        cfg = w.WorkerConfig(queues={"q": 1}, worker_id="w", error_handler=lambda t, e: seen.append(e))
+        worker = w.Worker(cfg, None, lambda _type: (handler, True))  # type: ignore[arg-type]
+        now = datetime.now(UTC)
+        row = (7, None, "q", "t", '{"a": 1}', None, None, 0, 25, 1, now, now, 1800.0, True)
+        worker._start(row, 0.0)
+        worker.cancel_task(7)  # before the loop runs the handler's task
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not worker.running
+        return worker._acks
+
+    acks = asyncio.run(run())
+    assert ran == []
+    assert [(a.id, a.kind, a.error) for a in acks] == [(7, tasks.RETRY, "task cancelled")]
+    assert [type(e) for e in seen] == [pgq.worker.TaskCancelled]
+
+
+def test_an_async_handler_completes_on_its_own_task() -> None:
+    """Outcomes of async handlers: success, an exception, SystemExit (a failure, not an exit)."""
+    from pgq import worker as w
+
+    async def ok(task: pgq.Task) -> None:
+        assert asyncio.current_task() is not None
+        assert task.payload == {"n": 1} and task.headers == {"h": "v"} and task.max_retry == 3
+
+    async def boom(task: pgq.Task) -> None:
+        raise ValueError("boom")
+
+    async def leave(task: pgq.Task) -> None:
+        raise SystemExit(3)
+
+    handlers = {"ok": ok, "boom": boom, "leave": leave}
+
+    async def run() -> list[tasks.Ack]:
+        cfg = w.WorkerConfig(queues={"q": 1}, worker_id="w")
+        worker = w.Worker(cfg, None, lambda t: (handlers[t], True))  # type: ignore[arg-type]
+        now = datetime.now(UTC)
+        for pk, type_ in enumerate(handlers, 1):
+            row = (pk, None, "q", type_, '{"n": 1}', '{"h": "v"}', None, 0, 3, 1, now, now, 1800.0, True)
+            worker._start(row, 0.0)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not worker.running
+        return sorted(worker._acks)
+
+    acks = asyncio.run(run())
+    assert [(a.id, a.kind, a.plain) for a in acks] == [
+        (1, tasks.DONE, True),
+        (2, tasks.RETRY, False),
+        (3, tasks.RETRY, False),
+    ]
+    assert acks[1].error == "boom"
+    assert acks[2].error is not None and "SystemExit" in acks[2].error
