@@ -105,7 +105,9 @@ async def ack_many(
     cur: AsyncCursor[Any], q: Queries, acks: Sequence[Ack], *, now: datetime | None = None
 ) -> set[int]:
     """Apply a batch of outcomes (one statement, two when plain completions come with
-    other outcomes); the ids whose fence held."""
+    other outcomes); the ids whose fence held. A caller that retries a failed call
+    should pass plain completions and other outcomes in separate calls (the first
+    statement may have been applied when the second fails)."""
     if not acks:
         return set()
     acks = sorted(acks)

@@ -8,11 +8,16 @@ How a task travels through one worker process (one asyncio event loop):
    overlaps the running batch) in ONE statement (task_claim_many: a LATERAL per
    queue in the order picked for this poll, FOR UPDATE SKIP LOCKED), which
    sets state='active', attempt+1 (the fencing token), locked_by and a lease.
-   When a claim returns fewer tasks than asked, it sleeps until the earliest
-   of: a wake-up NOTIFY for a served queue, the next run_at among the served
-   queues (by the database clock), or the polling floor. So a scheduled or
+   When a claim comes back full, the next one is sent at once, before the
+   tasks just started run (they run while it is in flight); the claimer's
+   connection uses generic plans (planning the claim costs as much as
+   running it for 50 rows). When a claim returns fewer tasks than asked, it
+   sleeps until the earliest of: a wake-up NOTIFY for a served queue, the
+   next run_at among the served queues (by the database clock), or the
+   polling floor. So a scheduled or
    retry task starts the moment it is due; no forwarder moves it first.
-2. `async def` handlers run as asyncio tasks on the loop; plain `def`
+2. `async def` handlers run as asyncio tasks on the loop (one per task, which
+   records the outcome itself: no done callback); plain `def`
    handlers run in a bounded pool of daemon threads. A handler's deadline
    (timeout or deadline, default 30 minutes) cancels an async handler. A
    sync handler cannot be stopped in Python: at its deadline the task is
@@ -20,7 +25,9 @@ How a task travels through one worker process (one asyncio event loop):
    handler returns (a replacement thread keeps the pool's size), and the
    handler can read `task.deadline` to stop itself in time.
 3. Outcomes go to a buffer that the flusher writes in batches (one
-   statement: task_ack_many) on its own connection; while one batch is in
+   statement: task_ack_many; plain completions of tasks without retention or
+   result, the common case, by task_ack_done, a fenced DELETE that does not
+   lock the rows first) on its own connection; while one batch is in
    flight the next accumulates, so an idle worker acknowledges at once and a
    busy one writes hundreds of outcomes per statement. Each write is fenced
    on (id, attempt, state='active'); rows not applied are reported as lease
@@ -293,6 +300,8 @@ async def _run_async(job: _Job, fn: Handler) -> None:
     exc: BaseException
     try:
         await fn(job.task)
+    except GeneratorExit:  # the task is being destroyed (loop closed under it): nothing to record
+        raise
     except asyncio.CancelledError:
         if job.finished:
             return
@@ -821,9 +830,15 @@ class Worker:
                     self._has_results = False
                 n = self.cfg.ack_batch_max
                 applied: set[int] = set()
-                for i in range(0, len(batch), n):
-                    done, conn = await self._write(batch[i : i + n], conn)
-                    applied |= done
+                # Plain completions and the other outcomes are written by different statements
+                # (tasks.ack_many): each group is written (and retried or split) on its own,
+                # so that a retry never sends again what another statement already applied.
+                plain = [a for a in batch if a.plain and a.kind == DONE and a.result is None]
+                other = [a for a in batch if not (a.plain and a.kind == DONE and a.result is None)]
+                for group in (plain, other):
+                    for i in range(0, len(group), n):
+                        done, conn = await self._write(group[i : i + n], conn)
+                        applied |= done
                 self._report(batch, applied, waiters)
                 self._flushed.set()
         finally:
