@@ -116,7 +116,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import psycopg_pool
@@ -182,9 +182,7 @@ class _Group:
     group: str
     errors: int
     members: list[Task] = field(default_factory=list)  # read under the lock, in enqueue order
-    ids: list[int] = field(default_factory=list)  # their bigint keys, same order
-    tids: list[str] = field(default_factory=list)  # their row addresses ("(page,item)"), same order
-    public_ids: list[str] = field(default_factory=list)  # their ids as pgq shows them, same order
+    rows: list[list[Any]] = field(default_factory=list)  # their group_members entries, same order
     capped: bool = False
     taken: int = 0  # members aggregated: always a prefix of `members`
     error: str | None = None
@@ -238,18 +236,25 @@ def _insert_rows(results: Sequence[tuple[Task, dict[str, Any]]]) -> list[dict[st
     return [dict(zip(_INSERT_COLUMNS, vals, strict=True)) for vals in zip(*cols, strict=True)]
 
 
+def _array(values: Sequence[object]) -> str:
+    """An array literal of str, int, float, datetime or None values ('{"a","b",NULL}'), cast
+    in SQL with ::text[], ::int[] ...: far cheaper to build than psycopg's per-element dump
+    of a list. Every element is quoted, so any text (commas, braces, quotes, 'NULL') is safe."""
+    if not values:
+        return "{}"
+    if all(type(v) is str for v in values):
+        strs = cast(Sequence[str], values)
+        return '{"' + '","'.join([v.replace("\\", "\\\\").replace('"', '\\"') for v in strs]) + '"}'
+    if all(type(v) is int for v in values):
+        return "{" + ",".join(map(str, values)) + "}"
+    return "{" + ",".join([_quote(v) for v in values]) + "}"
+
+
 def _quote(value: object) -> str:
     if value is None:
         return "NULL"
     text = value.isoformat() if isinstance(value, datetime) else str(value)
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _array(values: Sequence[object]) -> str:
-    """An array literal of str, int, float, datetime or None values ('{"a","b",NULL}'), cast
-    in SQL with ::text[], ::int[] ...: far cheaper to build than psycopg's per-element dump
-    of a list. Every element is quoted, so any text (commas, braces, quotes, 'NULL') is safe."""
-    return "{" + ",".join([_quote(v) for v in values]) + "}"
 
 
 def _pipeline(conn: psycopg.AsyncConnection[Any]) -> contextlib.AbstractAsyncContextManager[Any]:
@@ -268,24 +273,31 @@ def _members(doc: str | None, groups: Sequence[_Group]) -> None:
     without a row dict, a jsonb decode and option checks per member: this is the hot path)."""
     if not doc:
         return
-    for ord_, id_, task_id, type_, payload, headers, max_retry, retried, enqueued_at, tid in json.loads(doc):
-        g = groups[ord_ - 1]
+    rows = json.loads(doc)
+    tasks: list[Task] = []
+    append = tasks.append
+    g = groups[0]
+    ord_now = start = 0
+    for ord_, id_, task_id, type_, payload, headers, max_retry, retried, enqueued_at, _tid in rows:
+        if ord_ != ord_now:  # rows come group by group
+            if ord_now:
+                g.members, g.rows = tasks[start:], rows[start : len(tasks)]
+            start, ord_now, g = len(tasks), ord_, groups[ord_ - 1]
         t = _new_task(Task)
         t.type = type_
         t.payload = payload
         t.headers = headers or {}
         t.options = {"max_retry": max_retry}
-        t._id = public = task_id if task_id is not None else str(id_)
+        t._id = task_id if task_id is not None else str(id_)
         t._queue = g.queue
         t._group = g.group
         t._retried = retried
         t._enqueued_at = _fromisoformat(enqueued_at)
         t._deadline = None
         t.result_writer = None
-        g.members.append(t)
-        g.ids.append(id_)
-        g.tids.append(tid)
-        g.public_ids.append(public)
+        append(t)
+    if ord_now:
+        g.members, g.rows = tasks[start:], rows[start:]
 
 
 def _is_async(func: Any) -> bool:
@@ -672,7 +684,7 @@ class Aggregator:
                 if c.inserted:
                     c.group.taken = c.end
                     c.group.tasks += 1
-            taken = [i for g in gl if g.taken for i in g.ids[: g.taken]]
+            taken = [r[1] for g in gl if g.taken for r in g.rows[: g.taken]]
             # Members left per group, known exactly unless only the first `cap` were read.
             left = [None if g.capped else g.members[g.taken :] for g in gl]
             ins_cur = conn.cursor(row_factory=dict_row)
@@ -683,7 +695,7 @@ class Aggregator:
                         {"rows": _rows_json(bulk), "notify": sorted({c.group.queue for c in bulk})},
                     )
                 if taken:
-                    tids = '{"' + '","'.join([t for g in gl if g.taken for t in g.tids[: g.taken]]) + '"}'
+                    tids = '{"' + '","'.join([r[9] for g in gl if g.taken for r in g.rows[: g.taken]]) + '"}'
                     ids = "{" + ",".join(map(str, taken)) + "}"
                     await cur.execute(self._q_delete, {"tids": tids, "ids": ids})
                 ref_cur = conn.cursor(row_factory=dict_row)
@@ -893,7 +905,7 @@ class Aggregator:
                     g.error = f"the aggregated task was refused: {_describe(exc)}"
                     stopped.add(id(g))
                     continue
-            c.member_ids = g.public_ids[c.start : c.end]
+            c.member_ids = [t._id for t in c.tasks]  # type: ignore[misc]  # set by _members
             c.row["members"] = c.member_ids
             if c.row["task_id"] is not None or c.row["unique_ttl"] is not None:
                 # A conflict must fail this group only: insert it under a savepoint now.
