@@ -632,7 +632,8 @@ class Aggregator:
         res: AggregationResult,
     ) -> None:
         created: list[Aggregate] = []
-        async with conn.transaction():
+        # In pipeline mode, BEGIN goes with the lock and COMMIT needs no round trip of its own.
+        async with _pipeline(conn), conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(
                 self._q_lock,

@@ -408,6 +408,34 @@ def test_any_group_name_and_error_text_round_trips(
     assert summary(conn) == []
 
 
+def test_batch_failing_in_the_database_is_retried_group_by_group(
+    make: Callable[..., Harness], members: Members, conn: psycopg.Connection[Any]
+) -> None:
+    """A statement of the batch fails in the database (here a trigger refuses one aggregated
+    task): the batch rolls back, each group is tried alone, the bad one keeps its members
+    and its error, the others are aggregated."""
+    conn.execute(
+        "CREATE FUNCTION pgq.refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.type = 'boom' THEN RAISE EXCEPTION 'refused by trigger'; END IF; RETURN NEW; END $$"
+    )
+    conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON pgq.task FOR EACH ROW EXECUTE FUNCTION pgq.refuse()")
+
+    def agg(group: str, ts: list[pgq.Task]) -> pgq.Task:
+        return pgq.Task("boom" if group == "bad" else "digest", [t.payload for t in ts])
+
+    h = make(agg, grace_period=1)
+    for g in ("a", "bad", "c"):
+        members.add(f"{g}1", at=0, group=g)
+        members.add(f"{g}2", at=0.1, group=g)
+    r = h.once(members.t(5))
+    assert (r.tasks, r.members, r.failed) == (2, 4, 1)
+    assert "refused by trigger" in r.errors[(Q, "bad")]
+    assert sorted(a["payload"] for a in aggregates(conn)) == [["a1", "a2"], ["c1", "c2"]]
+    [g] = summary(conn)
+    assert g["group_key"] == "bad" and g["errors"] == 1 and "refused by trigger" in g["last_error"]
+    assert [t["payload"] for t in tasks(conn, state="aggregating")] == ["bad1", "bad2"]
+
+
 # --- scenario 7 / G9: failing aggregators ------------------------------------------------------------
 
 
