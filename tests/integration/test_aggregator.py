@@ -424,9 +424,9 @@ def test_batch_failing_in_the_database_is_retried_group_by_group(
         return pgq.Task("boom" if group == "bad" else "digest", [t.payload for t in ts])
 
     h = make(agg, grace_period=1)
-    for g in ("a", "bad", "c"):
-        members.add(f"{g}1", at=0, group=g)
-        members.add(f"{g}2", at=0.1, group=g)
+    for name in ("a", "bad", "c"):
+        members.add(f"{name}1", at=0, group=name)
+        members.add(f"{name}2", at=0.1, group=name)
     r = h.once(members.t(5))
     assert (r.tasks, r.members, r.failed) == (2, 4, 1)
     assert "refused by trigger" in r.errors[(Q, "bad")]
