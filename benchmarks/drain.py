@@ -13,7 +13,8 @@ alternating round by round:
   pgq         N no-op tasks pre-enqueued with Client.enqueue_many into a paused queue;
               a pgq.Server (async no-op handler, `--concurrency`, default 100: the
               setting for no-op async handlers that compare.py also uses; the worker
-              claims up to half of it per statement) starts in this process, the queue
+              claims up to its free slots per statement, 100 like the hand-written
+              loop) starts in this process, the queue
               is unpaused with a NOTIFY, and the clock stops when every task's outcome
               has been written (pgq.task empty).
 
