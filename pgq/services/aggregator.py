@@ -20,8 +20,15 @@ One round (`run_once`)
 2. Due check on task_group only, one index range scan per rule (newest_at <=
    now - grace, oldest_at <= now - max_delay, size >= max_size), skipping
    groups backing off (retry_at > now). Its cost follows the due groups, not
-   the members or groups waiting (G13).
-3. One transaction for a batch of due groups:
+   the members or groups waiting (G13). Fold and due check travel in one
+   pipeline (one round trip; the due check, a statement of its own, sees the
+   fold).
+3. One transaction per batch of due groups. With many due groups (>= 2 *
+   min_split), they are cut into up to 2 * `parallel` batches that `parallel`
+   connections take in turn, so one batch's Python work (decoding members,
+   the user's aggregator, building rows) overlaps another's database work.
+   Each transaction runs in pipeline mode: BEGIN goes with the lock, and e-g
+   below go out together, then one sync; results are checked before COMMIT.
    a. lock their summary rows FOR UPDATE SKIP LOCKED: that row lock is the
       per-group mutex between aggregators (a group held by another is left to
       it), and folds of those rows wait until we commit;
