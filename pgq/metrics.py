@@ -17,6 +17,8 @@ Metrics (labels in braces):
 - pgq_processed_total{queue}, pgq_failed_total{queue}: counters over the days
   the daily stats keep (a counter reset when old days are pruned);
   pgq_processed_today{queue}, pgq_failed_today{queue}.
+- pgq_aggregations_total{queue}, pgq_aggregated_members_total{queue}: aggregated
+  tasks made and the members they took (counters, as processed).
 - pgq_group_backlog{queue}: members waiting to be aggregated;
   pgq_group_oldest_age_seconds{queue}: age of the oldest waiting group.
 - pgq_groups_failing{queue}: groups whose last aggregation failed (waiting for
@@ -156,6 +158,12 @@ def _metrics(r: _Reading) -> Iterator[Metric]:
             "processed_total",
         ),
         ("pgq_failed", "Failed attempts over the days the stats keep.", "failed_total"),
+        ("pgq_aggregations", "Aggregated tasks made over the days the stats keep.", "aggregated_total"),
+        (
+            "pgq_aggregated_members",
+            "Members taken into aggregated tasks over the days the stats keep.",
+            "aggregated_members_total",
+        ),
     ]:
         c = CounterMetricFamily(name, doc, labels=["queue"])
         for q in qs:

@@ -82,12 +82,15 @@ CREATE TABLE pgq.unique_lock (
     PRIMARY KEY (queue, key)
 );
 
--- Daily processed/failed counts per queue (processed counts successes and failures).
+-- Daily counts per queue: processed (successes and failures), failed, and the
+-- aggregations made (aggregated tasks inserted, and the members they took).
 CREATE TABLE pgq.stat_daily (
     queue     text NOT NULL,
     day       date NOT NULL,
     processed bigint NOT NULL DEFAULT 0,
     failed    bigint NOT NULL DEFAULT 0,
+    aggregated bigint NOT NULL DEFAULT 0,
+    aggregated_members bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (queue, day)
 );
 

@@ -159,7 +159,8 @@ CROSS JOIN LATERAL (
 -- the member ids, the lineage). One JSON document is far cheaper to send than
 -- a dozen text arrays. Like task_enqueue: unique= locks (a row whose lock is
 -- held is skipped and missing from the result), queue rows, and one NOTIFY
--- per queue in %(notify)s. Rows come back in input order.
+-- per queue in %(notify)s; the day's aggregation counts in stat_daily. Rows
+-- come back in input order.
 WITH input AS (
     SELECT i.ord, i.task_id, i.queue, i.type, i.payload::jsonb AS payload,
            i.headers::jsonb AS headers, i.max_retry,
@@ -203,7 +204,14 @@ ins AS (
     FROM numbered n
     WHERE n.unique_key IS NULL OR n.id IN (SELECT task FROM locked)
     ORDER BY n.id
-    RETURNING id, task_id, queue, state
+    RETURNING id, task_id, queue, state, cardinality(members) AS members
+),
+stats AS (
+    INSERT INTO pgq.stat_daily AS s (queue, day, aggregated, aggregated_members)
+    SELECT queue, now()::date, count(*), sum(members) FROM ins GROUP BY queue
+    ON CONFLICT (queue, day) DO UPDATE
+        SET aggregated = s.aggregated + excluded.aggregated,
+            aggregated_members = s.aggregated_members + excluded.aggregated_members
 )
 SELECT ins.id, ins.task_id, ins.queue, ins.state,
        (SELECT count(pg_notify('pgq_wake', q)) FROM unnest(%(notify)s::text[]) AS q) AS notified

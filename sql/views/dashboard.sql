@@ -134,7 +134,10 @@ SELECT q.name AS queue,
        coalesce(d.failed, 0) AS failed_today,
        coalesce(tot.processed, 0) AS processed_total,
        coalesce(tot.failed, 0) AS failed_total,
-       now() AS measured_at
+       now() AS measured_at,
+       coalesce(d.aggregated, 0) AS aggregated_today,
+       coalesce(tot.aggregated, 0) AS aggregated_total,
+       coalesce(tot.aggregated_members, 0) AS aggregated_members_total
 FROM pgq.queue q
 CROSS JOIN LATERAL pgq.queue_counts(q.name) c
 LEFT JOIN LATERAL (
@@ -144,18 +147,22 @@ LEFT JOIN LATERAL (
 ) o ON true
 LEFT JOIN pgq.stat_daily d ON d.queue = q.name AND d.day = current_date
 LEFT JOIN LATERAL (
-    SELECT sum(s.processed)::bigint AS processed, sum(s.failed)::bigint AS failed
+    SELECT sum(s.processed)::bigint AS processed, sum(s.failed)::bigint AS failed,
+           sum(s.aggregated)::bigint AS aggregated,
+           sum(s.aggregated_members)::bigint AS aggregated_members
     FROM pgq.stat_daily s WHERE s.queue = q.name
 ) tot ON true;
 
--- Processed/failed per queue per day (days with no finished task have no row).
+-- Processed/failed and aggregations made per queue per day (days with neither have no row).
 CREATE OR REPLACE VIEW pgq.task_history AS
 SELECT s.queue,
        s.day,
        s.processed,
        s.failed,
        s.processed - s.failed AS succeeded,
-       CASE WHEN s.processed > 0 THEN s.failed::float8 / s.processed END AS error_rate
+       CASE WHEN s.processed > 0 THEN s.failed::float8 / s.processed END AS error_rate,
+       s.aggregated,
+       s.aggregated_members
 FROM pgq.stat_daily s;
 
 -- Exact group statistics, computed from the waiting members themselves.

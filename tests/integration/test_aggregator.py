@@ -243,6 +243,12 @@ def test_s5_k_times_max_size_gives_k_tasks_at_once(
     assert g.size == 1
     assert [s["size"] for s in summary(conn)] == [1]
     assert h.once().tasks == 0  # the 7th waits for its grace period
+    stats = conn.execute(
+        "SELECT aggregated, aggregated_members, processed FROM pgq.stat_daily WHERE queue = %s", (Q,)
+    ).fetchall()
+    assert stats == [{"aggregated": 2, "aggregated_members": 6, "processed": 0}]
+    [qs] = conn.execute("SELECT * FROM pgq.queue_stats WHERE queue = %s", (Q,)).fetchall()
+    assert (qs["aggregated_today"], qs["aggregated_total"], qs["aggregated_members_total"]) == (2, 2, 6)
 
 
 def test_remainder_goes_too_when_the_group_is_time_due(

@@ -27,7 +27,8 @@ def test_exporter_serves_queue_group_and_server_metrics(dsn: str, conn: psycopg.
         c.enqueue_many([pgq.Task("t", i) for i in range(3)], queue="a")
         c.enqueue_many([pgq.Task("m", i) for i in range(2)], queue="a", group="g")
     conn.execute(
-        "INSERT INTO pgq.stat_daily (queue, day, processed, failed) VALUES ('a', current_date, 7, 2)"
+        "INSERT INTO pgq.stat_daily (queue, day, processed, failed, aggregated, aggregated_members) "
+        "VALUES ('a', current_date, 7, 2, 4, 40)"
     )
     conn.execute(
         "INSERT INTO pgq.task_group (queue, group_key, size, oldest_at, newest_at, errors, retry_at) "
@@ -51,6 +52,7 @@ def test_exporter_serves_queue_group_and_server_metrics(dsn: str, conn: psycopg.
     assert m[("pgq_queue_counts_exact", q)] == 1
     assert m[("pgq_processed_total", q)] == 7 and m[("pgq_failed_total", q)] == 2
     assert m[("pgq_processed_today", q)] == 7 and m[("pgq_failed_today", q)] == 2
+    assert m[("pgq_aggregations_total", q)] == 4 and m[("pgq_aggregated_members_total", q)] == 40
     assert 3500 < m[("pgq_group_oldest_age_seconds", q)] < 3700
     assert m[("pgq_groups_failing", q)] == 1 and m[("pgq_group_aggregation_errors", q)] == 3
     assert m[("pgq_servers", ())] == 1
