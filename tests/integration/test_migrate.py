@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 
 import pgq
@@ -107,10 +111,30 @@ def test_other_schema(empty_db: str) -> None:
         assert {n.payload for n in c.notifies(timeout=5, stop_after=1)} <= {"default", "q"}
 
 
+def _pg_dump_for(dsn: str) -> str:
+    """A pg_dump no older than the server (pg_dump refuses newer servers): the one on PATH,
+    a Debian cluster's, or the embedded PostgreSQL's."""
+    with psycopg.connect(dsn) as c:
+        server_major = c.info.server_version // 10000
+    candidates = [shutil.which("pg_dump"), *sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_dump"))]
+    with contextlib.suppress(Exception):
+        from pgq import embedded
+
+        candidates.append(str(embedded.bin_dir() / "pg_dump"))
+    for exe in candidates:
+        if not exe or not os.access(exe, os.X_OK):
+            continue
+        v = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+        m = re.search(r"(\d+)(?:\.\d+)?", v)
+        if m and int(m.group(1)) >= server_major:
+            return exe
+    pytest.skip(f"no pg_dump for PostgreSQL {server_major} on this machine")
+
+
 def _dump(dsn: str) -> str:
     out = subprocess.run(
         [
-            "pg_dump",
+            _pg_dump_for(dsn),
             "--schema-only",
             "--no-owner",
             "--no-privileges",
