@@ -140,14 +140,26 @@ def _options(o: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def build_params(items: Sequence[tuple[Task, dict[str, Any]]]) -> dict[str, Any]:
+def build_params(
+    items: Sequence[tuple[Task, dict[str, Any]]], *, defer_payloads: bool = False
+) -> dict[str, Any]:
     """Validate each (task, options) pair and build the arrays of `task_enqueue`.
 
     enqueue_many passes one options dict for every task: it is checked once, and
     each task costs only its type check and its payload encoding (the hot path).
+
+    defer_payloads=True (pgq's own connection, where a failed statement harms
+    nobody): a batch bound for COPY keeps its payloads as given, and the COPY
+    encodes each as it writes its row, while the server inserts the rows before
+    it. A payload that is not JSON then fails the COPY, which rolls back; its
+    error is the one encode_payload raises. params["deferred"] says which.
     """
     if not items:
         raise InvalidArgumentError("nothing to enqueue")
+    if len(items) > 1 and not any(isinstance(t, Task) and t.options for t, _ in items):
+        shared_params = _shared_params(items, defer_payloads)
+        if shared_params is not None:
+            return shared_params
     task_id: list[Any] = []
     queue: list[Any] = []
     type_: list[Any] = []
@@ -226,7 +238,60 @@ def build_params(items: Sequence[tuple[Task, dict[str, Any]]]) -> dict[str, Any]
         "unique_ttl": unique,
         "process_at": process_at,
         "process_in": process_in,
+        "deferred": False,
     }
+
+
+def _shared_params(
+    items: Sequence[tuple[Task, dict[str, Any]]], defer_payloads: bool
+) -> dict[str, Any] | None:
+    """build_params for a batch whose tasks share one options dict and carry none of
+    their own (enqueue_many's usual call): the options are checked once and their
+    columns repeat one value, so each task costs only its type check and its payload.
+    None when the shared options need build_params' per-task checks (task_id, unique)."""
+    opts = items[0][1]
+    if any(o is not opts for _, o in items):
+        return None
+    check_options(opts, "enqueue()")
+    opt = _options({k: v for k, v in opts.items() if v is not None})
+    if opt[0] is not None or opt[7] is not None:
+        return None
+    n = len(items)
+    deferred = defer_payloads and n >= COPY_MIN_TASKS and opt[8] is None and opt[9] is None
+    types_ok: set[str] = set()
+    type_, payload, headers = [], [], []
+    for task, _ in items:
+        if not isinstance(task, Task):
+            raise InvalidArgumentError(f"enqueue takes a pgq.Task, not {type(task).__name__}")
+        t = task.type
+        if t not in types_ok:
+            types_ok.add(check_name(t, "task type"))
+        type_.append(t)
+        payload.append(task.payload if deferred else encode_payload(task.payload))
+        headers.append(encode_headers(task.headers) if task.headers else None)
+    columns = dict(zip(_SHARED_COLUMNS, opt, strict=True))
+    return {
+        **{k: [v] * n for k, v in columns.items()},
+        "type": type_,
+        "payload": payload,
+        "headers": headers,
+        "deferred": deferred,
+    }
+
+
+#: The columns of task_enqueue that `_options` gives, in its order.
+_SHARED_COLUMNS = (
+    "task_id",
+    "queue",
+    "group_key",
+    "max_retry",
+    "timeout",
+    "deadline",
+    "retention",
+    "unique_ttl",
+    "process_at",
+    "process_in",
+)
 
 
 def to_infos(
@@ -350,6 +415,51 @@ def _items(tasks: Iterable[Task], opts: dict[str, Any]) -> list[tuple[Task, dict
     return [(t, opts) for t in tasks]
 
 
+#: How many valid queue and type names a client remembers (then it starts over).
+_NAMES_KEPT = 4096
+
+
+def lean_args(task: Task, opts: dict[str, Any], names: set[str]) -> tuple[str, str, str] | None:
+    """(queue, type, payload JSON) when one task can take `task_enqueue_lean`: no option
+    but its queue, no headers, a payload below the guard size. None sends it down the
+    general path (build_params), which also names whatever is wrong with it.
+
+    `names` holds names already checked (queues and types obey the same rules), so a
+    client that enqueues the same types over and over checks each name once.
+    """
+    if not isinstance(task, Task) or task.options or task.headers:
+        return None
+    queue = "default"
+    if opts:
+        if len(opts) != 1 or opts.get("queue") is None:
+            return None
+        queue = opts["queue"]
+    type_ = task.type
+    if queue not in names or type_ not in names:
+        check_name(queue, "queue")
+        check_name(type_, "task type")
+        if len(names) >= _NAMES_KEPT:
+            names.clear()
+        names.update((queue, type_))
+    payload = encode_payload(task.payload)
+    if len(payload) > _GUARD_PAYLOAD_CHARS:
+        return None
+    return queue, type_, payload
+
+
+def lean_info(task: Task, queue: str, row: tuple[Any, ...]) -> TaskInfo:
+    """TaskInfo of a task enqueued by `task_enqueue_lean` from its row (id, enqueued_at, _)."""
+    return TaskInfo(
+        id=str(row[0]),
+        queue=queue,
+        type=task.type,
+        payload=task.payload,
+        state="pending",
+        next_process_at=row[1],
+        enqueued_at=row[1],
+    )
+
+
 _ARRAY_PARAM = re.compile(r"%\((\w+)\)b::(\w+)\[\]")
 
 
@@ -368,6 +478,11 @@ class _Queries:
     _q_one: LiteralString
     _q_plain: LiteralString
     _q_plain_quiet: LiteralString
+    _q_lean: LiteralString
+    _q_lean_quiet: LiteralString
+
+    def _lean_query(self, params: dict[str, Any]) -> LiteralString:
+        return self._q_lean if params["notify"] else self._q_lean_quiet
 
     def _single_query(self, params: dict[str, Any]) -> LiteralString:
         """The statement for one task: the slim one unless it needs a group or a unique lock."""
@@ -381,32 +496,16 @@ COPY_MIN_TASKS = 64
 
 
 class _CopyPlan:
-    """What task_copy_in / task_enqueue_copied need: rows without ids, and the finishing params."""
+    """What task_copy_in / task_enqueue_copied need: the rows to copy (made as they are
+    written), the finishing params, and the TaskInfos (made while the server inserts)."""
 
-    __slots__ = ("finish", "n", "rows")
+    __slots__ = ("finish", "n", "params")
 
     def __init__(self, params: dict[str, Any]) -> None:
-        n = self.n = len(params["payload"])
-        group = params["group_key"]
-        timeout, retention = params["timeout"], params["retention"]
-        self.rows = [
-            (
-                params["task_id"][i],
-                params["queue"][i],
-                params["type"][i],
-                params["payload"][i],
-                params["headers"][i],
-                "pending" if group[i] is None else "aggregating",
-                group[i],
-                params["max_retry"][i],
-                _td(timeout[i]),
-                params["deadline"][i],
-                _td(retention[i]),
-            )
-            for i in range(n)
-        ]
+        self.params = params
+        self.n = len(params["payload"])
         arrivals: dict[tuple[str, str], int] = {}
-        for q, g in zip(params["queue"], group, strict=True):
+        for q, g in zip(params["queue"], params["group_key"], strict=True):
             if g is not None:
                 arrivals[(q, g)] = arrivals.get((q, g), 0) + 1
         self.finish: dict[str, Any] = {
@@ -417,12 +516,46 @@ class _CopyPlan:
             "notify": params["notify"],
         }
 
-    def result(self, ids: list[int], enqueued_at: datetime) -> list[tuple[Any, ...]]:
-        """Rows shaped like task_enqueue's: (id, task_id, queue, state, group_key, enqueued_at, run_at, _)."""
-        return [
-            (i, r[0], r[1], r[5], r[6], enqueued_at, enqueued_at, None)
-            for i, r in zip(ids, self.rows, strict=True)
+    def rows(self, ids: list[int]) -> Iterable[tuple[Any, ...]]:
+        """The COPY rows: (id, task_id, queue, type, payload, headers, state, group_key,
+        max_retry, timeout, deadline, retention)."""
+        p = self.params
+        group, timeout, retention = p["group_key"], p["timeout"], p["retention"]
+        payload = map(encode_payload, p["payload"]) if p["deferred"] else iter(p["payload"])
+        return (
+            (
+                ids[i],
+                p["task_id"][i],
+                p["queue"][i],
+                p["type"][i],
+                next(payload),
+                p["headers"][i],
+                "pending" if group[i] is None else "aggregating",
+                group[i],
+                p["max_retry"][i],
+                _td(timeout[i]),
+                p["deadline"][i],
+                _td(retention[i]),
+            )
+            for i in range(self.n)
+        )
+
+    def infos(self, ids: list[int], items: Sequence[tuple[Task, dict[str, Any]]]) -> list[TaskInfo]:
+        """TaskInfos of the copied tasks, without their enqueue time (see `stamp`)."""
+        rows = [
+            (i, tid, q, "pending" if g is None else "aggregating", g, None, None)
+            for i, tid, q, g in zip(
+                ids, self.params["task_id"], self.params["queue"], self.params["group_key"], strict=True
+            )
         ]
+        return to_infos(rows, items, self.params)
+
+    @staticmethod
+    def stamp(infos: list[TaskInfo], enqueued_at: datetime) -> list[TaskInfo]:
+        """Set the COPY's statement time as each task's enqueue and run time."""
+        for info in infos:
+            info.enqueued_at = info.next_process_at = enqueued_at
+        return infos
 
 
 def _copy_plan(params: dict[str, Any]) -> _CopyPlan | None:
@@ -440,12 +573,12 @@ def _copy_plan(params: dict[str, Any]) -> _CopyPlan | None:
 def _compact(params: dict[str, Any]) -> dict[str, Any]:
     """The arrays of task_enqueue with each all-equal column (but payload) cut to one
     element, which the statement repeats: less to encode, send and parse."""
-    out = dict(params)
+    out = {"payload": params["payload"], "notify": params["notify"]}
     n = len(params["payload"])
     for k in _COLUMNS:
         v = params[k]
-        if k != "payload" and n > 1 and v.count(v[0]) == n:
-            out[k] = v[:1]
+        if k != "payload":
+            out[k] = v[:1] if n > 1 and v.count(v[0]) == n else v
     return out
 
 
@@ -459,13 +592,15 @@ def quiet_query(query: LiteralString) -> LiteralString:
     the debouncer skips most), which saves the subplan on every such call."""
     out, n = _NOTIFY_SUBQUERY.subn("NULL::bigint", query)
     if n != 1:
-        raise RuntimeError("task_enqueue_plain: the NOTIFY subquery was not found")
+        raise RuntimeError("enqueue query: the NOTIFY subquery was not found")
     # We vouch for this: a subquery of our own text replaced by a constant.
     return out
 
 
 def _scalars(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v if k == "notify" else v[0]) for k, v in params.items()}
+    out = {k: params[k][0] for k in _COLUMNS}
+    out["notify"] = params["notify"]
+    return out
 
 
 def _any_unique(params: dict[str, Any]) -> bool:
@@ -561,6 +696,9 @@ class Client(_Queries):
         self._q_one = one_row_query(self._q)
         self._q_plain = _sql.query("task_enqueue_plain", schema)
         self._q_plain_quiet = quiet_query(self._q_plain)
+        self._q_lean = _sql.query("task_enqueue_lean", schema)
+        self._q_lean_quiet = quiet_query(self._q_lean)
+        self._names: set[str] = set()
         self._q_reserve = _sql.query("task_reserve_ids", schema)
         self._q_copy = _sql.query("task_copy_in", schema)
         self._q_copied = _sql.query("task_enqueue_copied", schema)
@@ -575,7 +713,29 @@ class Client(_Queries):
         self, task: Task, *, conn: psycopg.Connection[Any] | None = None, notify: bool = True, **opts: Any
     ) -> TaskInfo:
         """Enqueue one task; see DESIGN.md for the options. notify=False sends no wake-up."""
-        return self._run(_items([task], opts), conn, notify)[0]
+        if self._closed:
+            raise RuntimeError("this Client is closed")
+        lean = lean_args(task, opts, self._names)
+        if lean is None:
+            return self._run(_items([task], opts), conn, notify)[0]
+        queue = lean[0]
+        params: dict[str, Any] = {"queue": queue, "type": lean[1], "payload": lean[2]}
+        delay = None
+        if conn is not None:
+            params["notify"] = [queue] if notify else []
+            row = conn.cursor(row_factory=psycopg.rows.tuple_row).execute(
+                self._lean_query(params), params
+            ).fetchone()
+        else:
+            params["notify"], delay = self._debounce.choose((queue,)) if notify else ([], None)
+            with self._pool.connection() as c:
+                row = c.cursor(row_factory=psycopg.rows.tuple_row).execute(
+                    self._lean_query(params), params
+                ).fetchone()
+        if delay is not None:
+            self._trailer.arm(delay)
+        assert row is not None
+        return lean_info(task, queue, row)
 
     def enqueue_many(
         self,
@@ -593,7 +753,7 @@ class Client(_Queries):
     ) -> list[TaskInfo]:
         if self._closed:
             raise RuntimeError("this Client is closed")
-        params = build_params(items)
+        params = build_params(items, defer_payloads=conn is None)
         if conn is not None:
             params["notify"] = sorted(set(params["queue"])) if notify else []
             return self._run_on(conn, items, params)
@@ -603,13 +763,13 @@ class Client(_Queries):
             params["notify"], delay = [], None
         with self._pool.connection() as c:
             if len(items) == 1 or not _any_unique(params):  # one statement: atomic by itself
-                rows = self._execute(c, params)
+                infos = self._execute(c, items, params)
             else:
                 with c.transaction():  # all or nothing: a skipped unique task rolls back the rest
-                    infos = to_infos(self._execute(c, params), items, params)
+                    infos = self._execute(c, items, params)
         if delay is not None:
             self._trailer.arm(delay)
-        return to_infos(rows, items, params) if len(items) == 1 or not _any_unique(params) else infos
+        return infos
 
     def _run_on(
         self, conn: psycopg.Connection[Any], items: list[tuple[Task, dict[str, Any]]], params: dict[str, Any]
@@ -623,13 +783,13 @@ class Client(_Queries):
             conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         )
         if not guard or (idle_autocommit and len(items) == 1):
-            return to_infos(self._execute(conn, params), items, params)
+            return self._execute(conn, items, params)
         if idle_autocommit:
             with conn.transaction():
-                return to_infos(self._execute(conn, params), items, params)
+                return self._execute(conn, items, params)
         conn.execute(_SAVEPOINT)
         try:
-            infos = to_infos(self._execute(conn, params), items, params)
+            infos = self._execute(conn, items, params)
         except BaseException:
             conn.execute(_ROLLBACK_SAVEPOINT)
             conn.execute(_RELEASE_SAVEPOINT)
@@ -637,31 +797,40 @@ class Client(_Queries):
         conn.execute(_RELEASE_SAVEPOINT)
         return infos
 
-    def _execute(self, conn: psycopg.Connection[Any], params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    def _execute(
+        self, conn: psycopg.Connection[Any], items: list[tuple[Task, dict[str, Any]]], params: dict[str, Any]
+    ) -> list[TaskInfo]:
         try:
             cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
             if len(params["queue"]) == 1:
-                return cur.execute(self._single_query(params), _scalars(params)).fetchall()
+                rows = cur.execute(self._single_query(params), _scalars(params)).fetchall()
+                return to_infos(rows, items, params)
             plan = _copy_plan(params)
             if plan is None:
-                return cur.execute(self._q, _compact(params)).fetchall()
+                assert not params["deferred"], "deferred payloads go through COPY"
+                return to_infos(cur.execute(self._q, _compact(params)).fetchall(), items, params)
             if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 with conn.transaction():
-                    return self._copy(cur, plan)
-            return self._copy(cur, plan)
+                    return self._copy(cur, plan, items)
+            return self._copy(cur, plan, items)
         except psycopg.errors.UniqueViolation as exc:
             raise _map_error(exc, params) from None
         except psycopg.errors.CheckViolation as exc:
             raise _map_check(exc) from None
 
-    def _copy(self, cur: psycopg.Cursor[tuple[Any, ...]], plan: _CopyPlan) -> list[tuple[Any, ...]]:
-        ids = [r[0] for r in cur.execute(self._q_reserve, {"n": plan.n}, binary=True)]
+    def _copy(
+        self, cur: psycopg.Cursor[tuple[Any, ...]], plan: _CopyPlan, items: list[tuple[Task, dict[str, Any]]]
+    ) -> list[TaskInfo]:
+        row = cur.execute(self._q_reserve, {"n": plan.n}, binary=True).fetchone()
+        assert row is not None
+        ids: list[int] = row[0]
         with cur.copy(self._q_copy) as copy:
-            for i, row in zip(ids, plan.rows, strict=True):
-                copy.write_row((i, *row))
+            for r in plan.rows(ids):
+                copy.write_row(r)
+            infos = plan.infos(ids, items)  # while the server inserts the rows
         done = cur.execute(self._q_copied, {**plan.finish, "first_id": ids[0]}).fetchone()
         assert done is not None
-        return plan.result(ids, done[0])
+        return plan.stamp(infos, done[0])
 
     def _send_notify(self, queues: list[str]) -> None:
         try:
@@ -702,6 +871,9 @@ class AsyncClient(_Queries):
         self._q_one = one_row_query(self._q)
         self._q_plain = _sql.query("task_enqueue_plain", schema)
         self._q_plain_quiet = quiet_query(self._q_plain)
+        self._q_lean = _sql.query("task_enqueue_lean", schema)
+        self._q_lean_quiet = quiet_query(self._q_lean)
+        self._names: set[str] = set()
         self._q_reserve = _sql.query("task_reserve_ids", schema)
         self._q_copy = _sql.query("task_copy_in", schema)
         self._q_copied = _sql.query("task_enqueue_copied", schema)
@@ -727,7 +899,28 @@ class AsyncClient(_Queries):
         notify: bool = True,
         **opts: Any,
     ) -> TaskInfo:
-        return (await self._run(_items([task], opts), conn, notify))[0]
+        if self._closed:
+            raise RuntimeError("this AsyncClient is closed")
+        lean = lean_args(task, opts, self._names)
+        if lean is None:
+            return (await self._run(_items([task], opts), conn, notify))[0]
+        queue = lean[0]
+        params: dict[str, Any] = {"queue": queue, "type": lean[1], "payload": lean[2]}
+        delay = None
+        if conn is not None:
+            params["notify"] = [queue] if notify else []
+            cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
+            row = await (await cur.execute(self._lean_query(params), params)).fetchone()
+        else:
+            params["notify"], delay = self._debounce.choose((queue,)) if notify else ([], None)
+            pool = await self._get_pool()
+            async with pool.connection() as c:
+                cur = c.cursor(row_factory=psycopg.rows.tuple_row)
+                row = await (await cur.execute(self._lean_query(params), params)).fetchone()
+        if delay is not None and self._trailing_task is None:
+            self._trailing_task = asyncio.ensure_future(self._trailing(delay))
+        assert row is not None
+        return lean_info(task, queue, row)
 
     async def enqueue_many(
         self,
@@ -747,7 +940,7 @@ class AsyncClient(_Queries):
     ) -> list[TaskInfo]:
         if self._closed:
             raise RuntimeError("this AsyncClient is closed")
-        params = build_params(items)
+        params = build_params(items, defer_payloads=conn is None)
         if conn is not None:
             params["notify"] = sorted(set(params["queue"])) if notify else []
             return await self._run_on(conn, items, params)
@@ -758,13 +951,13 @@ class AsyncClient(_Queries):
         pool = await self._get_pool()
         async with pool.connection() as c:
             if len(items) == 1 or not _any_unique(params):  # one statement: atomic by itself
-                rows = await self._execute(c, params)
+                infos = await self._execute(c, items, params)
             else:
                 async with c.transaction():  # all or nothing: a skipped unique task rolls back the rest
-                    infos = to_infos(await self._execute(c, params), items, params)
+                    infos = await self._execute(c, items, params)
         if delay is not None and self._trailing_task is None:
             self._trailing_task = asyncio.ensure_future(self._trailing(delay))
-        return to_infos(rows, items, params) if len(items) == 1 or not _any_unique(params) else infos
+        return infos
 
     async def _run_on(
         self,
@@ -781,13 +974,13 @@ class AsyncClient(_Queries):
             conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         )
         if not guard or (idle_autocommit and len(items) == 1):
-            return to_infos(await self._execute(conn, params), items, params)
+            return await self._execute(conn, items, params)
         if idle_autocommit:
             async with conn.transaction():
-                return to_infos(await self._execute(conn, params), items, params)
+                return await self._execute(conn, items, params)
         await conn.execute(_SAVEPOINT)
         try:
-            infos = to_infos(await self._execute(conn, params), items, params)
+            infos = await self._execute(conn, items, params)
         except BaseException:
             await conn.execute(_ROLLBACK_SAVEPOINT)
             await conn.execute(_RELEASE_SAVEPOINT)
@@ -796,38 +989,48 @@ class AsyncClient(_Queries):
         return infos
 
     async def _execute(
-        self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any]
-    ) -> list[tuple[Any, ...]]:
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        items: list[tuple[Task, dict[str, Any]]],
+        params: dict[str, Any],
+    ) -> list[TaskInfo]:
         try:
             cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
             plan = None if len(params["queue"]) == 1 else _copy_plan(params)
+            assert plan is not None or not params["deferred"], "deferred payloads go through COPY"
             if plan is not None:
                 if conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                     async with conn.transaction():
-                        return await self._copy(cur, plan)
-                return await self._copy(cur, plan)
+                        return await self._copy(cur, plan, items)
+                return await self._copy(cur, plan, items)
             if len(params["queue"]) == 1:
                 await cur.execute(self._single_query(params), _scalars(params))
             else:
                 await cur.execute(self._q, _compact(params))
-            return await cur.fetchall()
+            return to_infos(await cur.fetchall(), items, params)
         except psycopg.errors.UniqueViolation as exc:
             raise _map_error(exc, params) from None
         except psycopg.errors.CheckViolation as exc:
             raise _map_check(exc) from None
 
     async def _copy(
-        self, cur: psycopg.AsyncCursor[tuple[Any, ...]], plan: _CopyPlan
-    ) -> list[tuple[Any, ...]]:
+        self,
+        cur: psycopg.AsyncCursor[tuple[Any, ...]],
+        plan: _CopyPlan,
+        items: list[tuple[Task, dict[str, Any]]],
+    ) -> list[TaskInfo]:
         await cur.execute(self._q_reserve, {"n": plan.n}, binary=True)
-        ids = [r[0] for r in await cur.fetchall()]
+        row = await cur.fetchone()
+        assert row is not None
+        ids: list[int] = row[0]
         async with cur.copy(self._q_copy) as copy:
-            for i, row in zip(ids, plan.rows, strict=True):
-                await copy.write_row((i, *row))
+            for r in plan.rows(ids):
+                await copy.write_row(r)
+            infos = plan.infos(ids, items)  # while the server inserts the rows
         await cur.execute(self._q_copied, {**plan.finish, "first_id": ids[0]})
         done = await cur.fetchone()
         assert done is not None
-        return plan.result(ids, done[0])
+        return plan.stamp(infos, done[0])
 
     async def _trailing(self, delay: float | None) -> None:
         try:

@@ -103,6 +103,22 @@ VALUES (%(task_id)s::text, %(queue)s::text, %(type)s::text, %(payload)s::jsonb, 
 RETURNING id, task_id, queue, state, group_key, enqueued_at, run_at,
           (SELECT count(pg_notify('pgq_wake', q)) FROM unnest(%(notify)s::text[]) AS q) AS notified;
 
+-- name: task_enqueue_lean
+-- returns: one
+-- The commonest enqueue of all: one task with no option but its queue and no
+-- headers. Every other column takes its default (state pending, run_at and
+-- enqueued_at the statement time, max_retry 25), so the statement binds three
+-- values and returns two: on a fast commit the client's work per call is what
+-- separates a queue from a plain INSERT. The Client runs a copy without the
+-- NOTIFY subquery when %(notify)s is empty.
+WITH queues AS (
+    INSERT INTO pgq.queue (name) VALUES (%(queue)s) ON CONFLICT DO NOTHING
+)
+INSERT INTO pgq.task (queue, type, payload, state)
+VALUES (%(queue)s::text, %(type)s::text, %(payload)s::jsonb, 'pending')
+RETURNING id, enqueued_at,
+          (SELECT count(pg_notify('pgq_wake', q)) FROM unnest(%(notify)s::text[]) AS q) AS notified;
+
 -- name: task_copy_in
 -- returns: none
 -- enqueue_many's bulk path for tasks that need no unique lock and no schedule
@@ -113,9 +129,10 @@ COPY pgq.task (id, task_id, queue, type, payload, headers, state, group_key, max
                deadline, retention) FROM STDIN;
 
 -- name: task_reserve_ids
--- returns: many
--- %(n)s ids for tasks about to be copied in, ascending.
-SELECT nextval('pgq.task_id_seq') FROM generate_series(1, %(n)s);
+-- returns: one
+-- %(n)s ids for tasks about to be copied in, ascending, as one bigint[] (one value
+-- to read, not %(n)s rows).
+SELECT array_agg(nextval('pgq.task_id_seq')) FROM generate_series(1, %(n)s);
 
 -- name: task_enqueue_copied
 -- returns: one

@@ -193,3 +193,24 @@ def test_concurrent_enqueues_share_the_client(dsn: str, conn: psycopg.Connection
 
     run(dsn, body)
     assert sorted(r["payload"] for r in rows(conn)) == list(range(50))
+
+
+def test_copied_batch_with_shared_options_and_a_late_bad_payload(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    n = pgq.client.COPY_MIN_TASKS * 2
+
+    async def body(client: pgq.AsyncClient) -> None:
+        bad = [pgq.Task("t", {"i": i}) for i in range(n)]
+        bad[-1] = pgq.Task("t", {"i": {1, 2}})
+        with pytest.raises(pgq.PayloadTypeError):
+            await client.enqueue_many(bad, queue="q")  # encoded as the COPY writes: it rolls back
+        assert rows(conn) == []
+        infos = await client.enqueue_many(bad[:-1], queue="q", group="g", max_retry=2)
+        assert [int(i.id) for i in infos] == [r["id"] for r in rows(conn)]
+        assert {(i.state, i.group, i.max_retry, i.queue) for i in infos} == {("aggregating", "g", 2, "q")}
+        assert len({i.enqueued_at for i in infos}) == 1 and infos[0].enqueued_at is not None
+
+    run(dsn, body)
+    assert [r["payload"]["i"] for r in rows(conn)] == list(range(n - 1))
+    assert conn.execute("SELECT size FROM pgq.group_arrival").fetchall() == [{"size": n - 1}]

@@ -693,3 +693,97 @@ def test_copy_path_task_id_conflict_in_the_callers_transaction(
         {"queue": "q2", "n": n},
     ]
     assert sorted(_notifications(listener, 5, stop_after=2)) == ["default", "q2"]
+
+
+# --- the lean single enqueue and the shared-options COPY path agree with the general ones --------
+
+
+def test_lean_enqueue_writes_the_row_the_general_path_writes(
+    client: pgq.Client, conn: psycopg.Connection[Any], tx: psycopg.Connection[Any]
+) -> None:
+    lean = client.enqueue(pgq.Task("t", {"k": [1, 2]}), queue="q")
+    general = client.enqueue(pgq.Task("t", {"k": [1, 2]}), queue="q", max_retry=25)  # an option: general
+    skip = {"id", "enqueued_at", "run_at"}
+    a, b = one(conn, lean), one(conn, general)
+    assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+    assert a["run_at"] == a["enqueued_at"] == lean.enqueued_at == lean.next_process_at
+    assert (lean.state, lean.queue, lean.type, lean.payload, lean.max_retry, lean.headers) == (
+        general.state,
+        general.queue,
+        general.type,
+        general.payload,
+        general.max_retry,
+        general.headers,
+    )
+    # on the caller's connection: in its transaction, gone with its rollback
+    info = client.enqueue(pgq.Task("t", 1), conn=tx)
+    assert tx.execute("SELECT count(*) FROM pgq.task WHERE id = %s", (int(info.id),)).fetchone() == (1,)
+    tx.rollback()
+    assert conn.execute("SELECT count(*) AS n FROM pgq.task").fetchone() == {"n": 2}
+
+
+def test_lean_enqueue_rejects_bad_names_and_payloads(client: pgq.Client) -> None:
+    with pytest.raises(pgq.InvalidArgumentError, match="queue must not be blank"):
+        client.enqueue(pgq.Task("t"), queue=" ")
+    with pytest.raises(pgq.InvalidArgumentError, match="task type must not be blank"):
+        client.enqueue(pgq.Task(""))
+    with pytest.raises(pgq.InvalidPayloadError):
+        client.enqueue(pgq.Task("t", {"x": float("inf")}))
+    client.enqueue(pgq.Task("t"))  # a name once checked stays good; a bad one is never remembered
+    with pytest.raises(pgq.InvalidArgumentError, match="queue must be a str"):
+        client.enqueue(pgq.Task("t"), queue=7)
+
+
+def _shared_batch(n: int) -> list[pgq.Task]:
+    return [
+        pgq.Task("t", {"i": i, "s": 'tab\there "q" é'}, headers={"h": "1"} if i % 2 else None)
+        for i in range(n)
+    ]
+
+
+def test_shared_options_copy_matches_the_statement_path(
+    client: pgq.Client, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = pgq.client.COPY_MIN_TASKS + 3
+    opts: dict[str, Any] = {"group": "g", "max_retry": 3, "timeout": 2.5, "retention": 60}
+    via_copy = client.enqueue_many(_shared_batch(n), queue="a", **opts)
+    monkeypatch.setattr(pgq.client, "COPY_MIN_TASKS", 10**9)
+    via_statement = client.enqueue_many(_shared_batch(n), queue="b", **opts)
+    skip = {"id", "queue", "enqueued_at", "run_at"}
+    a = conn.execute("SELECT * FROM pgq.task WHERE queue = 'a' ORDER BY id").fetchall()
+    b = conn.execute("SELECT * FROM pgq.task WHERE queue = 'b' ORDER BY id").fetchall()
+    assert [{k: v for k, v in r.items() if k not in skip} for r in a] == [
+        {k: v for k, v in r.items() if k not in skip} for r in b
+    ]
+    assert [r["payload"]["i"] for r in a] == list(range(n)) and a[0]["state"] == "aggregating"
+    assert [int(i.id) for i in via_copy] == [r["id"] for r in a]
+    for x, y in zip(via_copy, via_statement, strict=True):
+        assert (x.state, x.group, x.max_retry, x.timeout, x.retention, x.headers, x.payload) == (
+            y.state,
+            y.group,
+            y.max_retry,
+            y.timeout,
+            y.retention,
+            y.headers,
+            y.payload,
+        )
+        assert x.enqueued_at == x.next_process_at == a[0]["enqueued_at"]
+
+
+def test_bad_payload_late_in_a_copied_batch_loses_nothing(
+    client: pgq.Client, conn: psycopg.Connection[Any], tx: psycopg.Connection[Any]
+) -> None:
+    n = pgq.client.COPY_MIN_TASKS * 3
+    tasks = [pgq.Task("t", {"i": i}) for i in range(n)]
+    tasks[-5] = pgq.Task("t", {"i": float("nan")})
+    # pgq's own connection: the payload is encoded as the COPY writes it; the COPY rolls back
+    with pytest.raises(pgq.InvalidPayloadError, match="nan"):
+        client.enqueue_many(tasks)
+    assert conn.execute("SELECT count(*) AS n FROM pgq.task").fetchone() == {"n": 0}
+    assert len(client.enqueue_many(tasks[:-5])) == n - 5  # the client (and its pool) is fine
+    # the caller's transaction: checked before any SQL, the transaction stays usable
+    client.enqueue(pgq.Task("mine"), conn=tx)
+    with pytest.raises(pgq.InvalidPayloadError, match="nan"):
+        client.enqueue_many(tasks, conn=tx)
+    tx.commit()
+    assert conn.execute("SELECT count(*) AS n FROM pgq.task").fetchone() == {"n": n - 5 + 1}
