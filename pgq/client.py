@@ -415,6 +415,9 @@ def _items(tasks: Iterable[Task], opts: dict[str, Any]) -> list[tuple[Task, dict
     return [(t, opts) for t in tasks]
 
 
+#: The parameters of task_enqueue_lean, in the order of lean_args' result.
+_LEAN_PARAMS = ("queue", "type", "payload")
+
 #: How many valid queue and type names a client remembers (then it starts over).
 _NAMES_KEPT = 4096
 
@@ -481,8 +484,17 @@ class _Queries:
     _q_lean: LiteralString
     _q_lean_quiet: LiteralString
 
-    def _lean_query(self, params: dict[str, Any]) -> LiteralString:
-        return self._q_lean if params["notify"] else self._q_lean_quiet
+    _debounce: WakeDebouncer
+
+    def _lean_wake(self, queue: str, callers: bool, notify: bool) -> tuple[bool, float | None]:
+        """(whether this lean enqueue sends the NOTIFY, when a trailing one may be due).
+        On the caller's connection every enqueue notifies (its commit is the caller's)."""
+        if not notify:
+            return False, None
+        if callers:
+            return True, None
+        now, delay = self._debounce.choose((queue,))
+        return bool(now), delay
 
     def _single_query(self, params: dict[str, Any]) -> LiteralString:
         """The statement for one task: the slim one unless it needs a group or a unique lock."""
@@ -697,7 +709,7 @@ class Client(_Queries):
         self._q_plain = _sql.query("task_enqueue_plain", schema)
         self._q_plain_quiet = quiet_query(self._q_plain)
         self._q_lean = _sql.query("task_enqueue_lean", schema)
-        self._q_lean_quiet = quiet_query(self._q_lean)
+        self._q_lean_quiet = _sql.query("task_enqueue_lean_quiet", schema)
         self._names: set[str] = set()
         self._q_reserve = _sql.query("task_reserve_ids", schema)
         self._q_copy = _sql.query("task_copy_in", schema)
@@ -718,20 +730,14 @@ class Client(_Queries):
         lean = lean_args(task, opts, self._names)
         if lean is None:
             return self._run(_items([task], opts), conn, notify)[0]
-        queue = lean[0]
-        params: dict[str, Any] = {"queue": queue, "type": lean[1], "payload": lean[2]}
-        delay = None
+        queue, params = lean[0], dict(zip(_LEAN_PARAMS, lean, strict=True))
+        wake, delay = self._lean_wake(queue, conn is not None, notify)
+        query = self._q_lean if wake else self._q_lean_quiet
         if conn is not None:
-            params["notify"] = [queue] if notify else []
-            row = conn.cursor(row_factory=psycopg.rows.tuple_row).execute(
-                self._lean_query(params), params
-            ).fetchone()
+            row = conn.cursor(row_factory=psycopg.rows.tuple_row).execute(query, params).fetchone()
         else:
-            params["notify"], delay = self._debounce.choose((queue,)) if notify else ([], None)
             with self._pool.connection() as c:
-                row = c.cursor(row_factory=psycopg.rows.tuple_row).execute(
-                    self._lean_query(params), params
-                ).fetchone()
+                row = c.cursor(row_factory=psycopg.rows.tuple_row).execute(query, params).fetchone()
         if delay is not None:
             self._trailer.arm(delay)
         assert row is not None
@@ -872,7 +878,7 @@ class AsyncClient(_Queries):
         self._q_plain = _sql.query("task_enqueue_plain", schema)
         self._q_plain_quiet = quiet_query(self._q_plain)
         self._q_lean = _sql.query("task_enqueue_lean", schema)
-        self._q_lean_quiet = quiet_query(self._q_lean)
+        self._q_lean_quiet = _sql.query("task_enqueue_lean_quiet", schema)
         self._names: set[str] = set()
         self._q_reserve = _sql.query("task_reserve_ids", schema)
         self._q_copy = _sql.query("task_copy_in", schema)
@@ -904,19 +910,17 @@ class AsyncClient(_Queries):
         lean = lean_args(task, opts, self._names)
         if lean is None:
             return (await self._run(_items([task], opts), conn, notify))[0]
-        queue = lean[0]
-        params: dict[str, Any] = {"queue": queue, "type": lean[1], "payload": lean[2]}
-        delay = None
+        queue, params = lean[0], dict(zip(_LEAN_PARAMS, lean, strict=True))
+        wake, delay = self._lean_wake(queue, conn is not None, notify)
+        query = self._q_lean if wake else self._q_lean_quiet
         if conn is not None:
-            params["notify"] = [queue] if notify else []
             cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
-            row = await (await cur.execute(self._lean_query(params), params)).fetchone()
+            row = await (await cur.execute(query, params)).fetchone()
         else:
-            params["notify"], delay = self._debounce.choose((queue,)) if notify else ([], None)
             pool = await self._get_pool()
             async with pool.connection() as c:
                 cur = c.cursor(row_factory=psycopg.rows.tuple_row)
-                row = await (await cur.execute(self._lean_query(params), params)).fetchone()
+                row = await (await cur.execute(query, params)).fetchone()
         if delay is not None and self._trailing_task is None:
             self._trailing_task = asyncio.ensure_future(self._trailing(delay))
         assert row is not None

@@ -109,15 +109,24 @@ RETURNING id, task_id, queue, state, group_key, enqueued_at, run_at,
 -- headers. Every other column takes its default (state pending, run_at and
 -- enqueued_at the statement time, max_retry 25), so the statement binds three
 -- values and returns two: on a fast commit the client's work per call is what
--- separates a queue from a plain INSERT. The Client runs a copy without the
--- NOTIFY subquery when %(notify)s is empty.
+-- separates a queue from a plain INSERT. It wakes the queue's workers itself;
+-- task_enqueue_lean_quiet is the same insert without the NOTIFY.
 WITH queues AS (
     INSERT INTO pgq.queue (name) VALUES (%(queue)s) ON CONFLICT DO NOTHING
 )
 INSERT INTO pgq.task (queue, type, payload, state)
 VALUES (%(queue)s::text, %(type)s::text, %(payload)s::jsonb, 'pending')
-RETURNING id, enqueued_at,
-          (SELECT count(pg_notify('pgq_wake', q)) FROM unnest(%(notify)s::text[]) AS q) AS notified;
+RETURNING id, enqueued_at, pg_notify('pgq_wake', %(queue)s::text) AS notified;
+
+-- name: task_enqueue_lean_quiet
+-- returns: one
+-- task_enqueue_lean without the wake-up (notify=False, or debounced).
+WITH queues AS (
+    INSERT INTO pgq.queue (name) VALUES (%(queue)s) ON CONFLICT DO NOTHING
+)
+INSERT INTO pgq.task (queue, type, payload, state)
+VALUES (%(queue)s::text, %(type)s::text, %(payload)s::jsonb, 'pending')
+RETURNING id, enqueued_at;
 
 -- name: task_copy_in
 -- returns: none
