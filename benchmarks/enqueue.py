@@ -12,6 +12,9 @@ alternating rounds, so drift on a shared machine hits all of them alike:
   d  pgq Client.enqueue_many of --bulk tasks
   e  (for reference) c with the JSON texts sent as a binary text[]: psycopg's text
      format quotes every element of (c) in Python, which is most of (c)'s cost
+  f  (for reference) a, into pgq's own task table: the same row pgq writes, by a
+     hand-written INSERT. The wider row and its claim index cost more than (a)'s
+     two-column table; b/f is what pgq's own code adds on top of its table
 
 It prints the median tasks/s of each and the ratio of pgq to its baseline
 (targets: b/a >= 0.9, d >= 100,000 tasks/s), then one JSON line.
@@ -83,6 +86,7 @@ def main() -> int:
         **{f"{k}_per_s": round(v) for k, v in med.items()},
         "single_ratio": round(med["pgq_enqueue"] / med["plain_insert"], 3),
         "bulk_ratio": round(med["pgq_enqueue_many"] / med["plain_bulk"], 3),
+        "single_vs_task_table": round(med["pgq_enqueue"] / med["plain_task_insert"], 3),
     }
     if not args.json:
         print(f"{'workload':<34}{'median tasks/s':>16}{'min':>10}{'max':>10}{'vs baseline':>13}")
@@ -92,12 +96,14 @@ def main() -> int:
             (f"c plain unnest INSERT of {args.bulk}", "plain_bulk", None),
             (f"d pgq enqueue_many of {args.bulk}", "pgq_enqueue_many", "plain_bulk"),
             ("e plain unnest, binary text[]", "plain_bulk_binary", "plain_bulk"),
+            ("f plain INSERT into pgq.task", "plain_task_insert", "plain_insert"),
         ]
         for label, key, base in rows:
             ratio = f"{med[key] / med[base]:.2f}x" if base else "1.00x"
             print(
                 f"{label:<34}{med[key]:>16,.0f}{min(results[key]):>10,.0f}{max(results[key]):>10,.0f}{ratio:>13}"
             )
+        print(f"pgq Client.enqueue vs the same row by hand (b/f): {out['single_vs_task_table']:.2f}x")
         print(
             f"targets: enqueue >= 0.9x plain INSERT ({'met' if out['single_ratio'] >= 0.9 else 'NOT met'}); "
             f"enqueue_many >= 100,000/s ({'met' if med['pgq_enqueue_many'] >= 100_000 else 'NOT met'})"
@@ -113,6 +119,7 @@ def run(dsn: str, args: argparse.Namespace) -> dict[str, list[float]]:
         "plain_bulk": [],
         "pgq_enqueue_many": [],
         "plain_bulk_binary": [],
+        "plain_task_insert": [],
     }
     with psycopg.connect(dsn, autocommit=True) as plain, pgq.Client(dsn) as client:
 
@@ -124,6 +131,15 @@ def run(dsn: str, args: argparse.Namespace) -> dict[str, list[float]]:
         def pgq_enqueue() -> int:
             for i in range(args.single):
                 client.enqueue(pgq.Task("email:deliver", payload(i)))
+            return int(args.single)
+
+        def plain_task_insert() -> int:
+            for i in range(args.single):
+                plain.execute(
+                    "INSERT INTO pgq.task (queue, type, payload, state)"
+                    " VALUES ('default', 'email:deliver', %s::jsonb, 'pending')",
+                    (json.dumps(payload(i)),),
+                )
             return int(args.single)
 
         def plain_bulk() -> int:
@@ -143,19 +159,20 @@ def run(dsn: str, args: argparse.Namespace) -> dict[str, list[float]]:
         # warm up: connections, prepared statements, caches
         plain_insert()
         pgq_enqueue()
+        plain_task_insert()
         plain_bulk()
         pgq_enqueue_many()
         for r in range(args.rounds):
             plain.execute("TRUNCATE t, pgq.task, pgq.group_arrival, pgq.unique_lock")
             plain.execute("CHECKPOINT")
-            order = [
+            singles = [
                 ("plain_insert", plain_insert),
                 ("pgq_enqueue", pgq_enqueue),
-                ("plain_bulk", plain_bulk),
-                ("pgq_enqueue_many", pgq_enqueue_many),
+                ("plain_task_insert", plain_task_insert),
             ]
-            if r % 2:  # alternate which side goes first
-                order = [order[1], order[0], order[3], order[2]]
+            bulks = [("plain_bulk", plain_bulk), ("pgq_enqueue_many", pgq_enqueue_many)]
+            first = r % 3  # rotate which side goes first
+            order = singles[first:] + singles[:first] + (bulks if r % 2 == 0 else bulks[::-1])
             order.append(("plain_bulk_binary", plain_bulk_binary))
             for key, fn in order:
                 results[key].append(timed(fn))
