@@ -1,9 +1,22 @@
 """Client and AsyncClient: enqueue tasks, alone or inside the caller's transaction.
 
-Both are thin twins over two pure helpers: `build_params` validates every
-option and turns a list of tasks into the bound arrays of the one insert query
-(`task_enqueue`), and `to_infos` turns its rows into TaskInfo. Validation runs
-before any SQL is sent, so a bad enqueue never aborts the caller's transaction.
+Both are thin twins over pure helpers: `build_params` validates every option
+and turns a list of tasks into the bound arrays of the insert (`task_enqueue`),
+and `to_infos` turns its rows into TaskInfo. Validation runs before any SQL is
+sent, so a bad enqueue never aborts the caller's transaction.
+
+Three shapes of the same insert, chosen by what the call needs:
+- one task with no option but its queue (`lean_args`): `task_enqueue_lean`,
+  three bound values, every other column its default. A single enqueue is one
+  round trip and one commit, so the Python around it is most of what pgq adds;
+- one task with other options: `task_enqueue_plain` (scalars), or the general
+  statement when it needs a group or a unique lock;
+- many tasks: COPY from 64 tasks when none needs a unique lock or a schedule
+  (`_CopyPlan`), else the general statement over arrays. On pgq's own
+  connection a batch sharing one options dict is encoded row by row as COPY
+  writes it (`build_params(defer_payloads=True)`): the server inserts while
+  Python encodes, and a bad payload fails the COPY, which rolls back whole. On
+  the caller's connection every payload is checked first.
 
 With `conn=`, the enqueue runs on the caller's connection and never commits it.
 The only error that PostgreSQL itself detects is a task_id conflict; when a
@@ -477,6 +490,31 @@ def one_row_query(query: LiteralString) -> LiteralString:
     return _ARRAY_PARAM.sub(r"ARRAY[%(\1)s::\2]", query)
 
 
+class _Cursors:
+    """One tuple-row cursor per connection of the Client's own pool, kept for reuse.
+
+    A psycopg cursor learns how to dump each parameter type and caches it; a new
+    cursor per call relearns it, which costs about as much client CPU as the rest
+    of a single enqueue. Connections of the pool are used by one thread at a time,
+    and so are their cursors. Keyed by id(conn) and checked against the
+    connection itself; cursors of closed connections are dropped as new ones come.
+    """
+
+    def __init__(self) -> None:
+        self._by_conn: dict[int, Any] = {}
+
+    def get(self, conn: Any) -> Any:
+        cur = self._by_conn.get(id(conn))
+        if cur is None or cur.connection is not conn:
+            cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
+            if len(self._by_conn) >= 64:
+                for key, old in list(self._by_conn.items()):
+                    if old.connection.closed:
+                        self._by_conn.pop(key, None)
+            self._by_conn[id(conn)] = cur
+        return cur
+
+
 class _Queries:
     _q_one: LiteralString
     _q_plain: LiteralString
@@ -711,6 +749,7 @@ class Client(_Queries):
         self._q_lean = _sql.query("task_enqueue_lean", schema)
         self._q_lean_quiet = _sql.query("task_enqueue_lean_quiet", schema)
         self._names: set[str] = set()
+        self._cursors = _Cursors()
         self._q_reserve = _sql.query("task_reserve_ids", schema)
         self._q_copy = _sql.query("task_copy_in", schema)
         self._q_copied = _sql.query("task_enqueue_copied", schema)
@@ -737,7 +776,7 @@ class Client(_Queries):
             row = conn.cursor(row_factory=psycopg.rows.tuple_row).execute(query, params).fetchone()
         else:
             with self._pool.connection() as c:
-                row = c.cursor(row_factory=psycopg.rows.tuple_row).execute(query, params).fetchone()
+                row = self._cursors.get(c).execute(query, params).fetchone()
         if delay is not None:
             self._trailer.arm(delay)
         assert row is not None
@@ -769,10 +808,10 @@ class Client(_Queries):
             params["notify"], delay = [], None
         with self._pool.connection() as c:
             if len(items) == 1 or not _any_unique(params):  # one statement: atomic by itself
-                infos = self._execute(c, items, params)
+                infos = self._execute(self._cursors.get(c), items, params)
             else:
                 with c.transaction():  # all or nothing: a skipped unique task rolls back the rest
-                    infos = self._execute(c, items, params)
+                    infos = self._execute(self._cursors.get(c), items, params)
         if delay is not None:
             self._trailer.arm(delay)
         return infos
@@ -788,14 +827,15 @@ class Client(_Queries):
         idle_autocommit = (
             conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         )
+        cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
         if not guard or (idle_autocommit and len(items) == 1):
-            return self._execute(conn, items, params)
+            return self._execute(cur, items, params)
         if idle_autocommit:
             with conn.transaction():
-                return self._execute(conn, items, params)
+                return self._execute(cur, items, params)
         conn.execute(_SAVEPOINT)
         try:
-            infos = self._execute(conn, items, params)
+            infos = self._execute(cur, items, params)
         except BaseException:
             conn.execute(_ROLLBACK_SAVEPOINT)
             conn.execute(_RELEASE_SAVEPOINT)
@@ -804,10 +844,13 @@ class Client(_Queries):
         return infos
 
     def _execute(
-        self, conn: psycopg.Connection[Any], items: list[tuple[Task, dict[str, Any]]], params: dict[str, Any]
+        self,
+        cur: psycopg.Cursor[tuple[Any, ...]],
+        items: list[tuple[Task, dict[str, Any]]],
+        params: dict[str, Any],
     ) -> list[TaskInfo]:
+        conn = cur.connection
         try:
-            cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
             if len(params["queue"]) == 1:
                 rows = cur.execute(self._single_query(params), _scalars(params)).fetchall()
                 return to_infos(rows, items, params)
@@ -880,6 +923,7 @@ class AsyncClient(_Queries):
         self._q_lean = _sql.query("task_enqueue_lean", schema)
         self._q_lean_quiet = _sql.query("task_enqueue_lean_quiet", schema)
         self._names: set[str] = set()
+        self._cursors = _Cursors()
         self._q_reserve = _sql.query("task_reserve_ids", schema)
         self._q_copy = _sql.query("task_copy_in", schema)
         self._q_copied = _sql.query("task_enqueue_copied", schema)
@@ -919,8 +963,7 @@ class AsyncClient(_Queries):
         else:
             pool = await self._get_pool()
             async with pool.connection() as c:
-                cur = c.cursor(row_factory=psycopg.rows.tuple_row)
-                row = await (await cur.execute(query, params)).fetchone()
+                row = await (await self._cursors.get(c).execute(query, params)).fetchone()
         if delay is not None and self._trailing_task is None:
             self._trailing_task = asyncio.ensure_future(self._trailing(delay))
         assert row is not None
@@ -955,10 +998,10 @@ class AsyncClient(_Queries):
         pool = await self._get_pool()
         async with pool.connection() as c:
             if len(items) == 1 or not _any_unique(params):  # one statement: atomic by itself
-                infos = await self._execute(c, items, params)
+                infos = await self._execute(self._cursors.get(c), items, params)
             else:
                 async with c.transaction():  # all or nothing: a skipped unique task rolls back the rest
-                    infos = await self._execute(c, items, params)
+                    infos = await self._execute(self._cursors.get(c), items, params)
         if delay is not None and self._trailing_task is None:
             self._trailing_task = asyncio.ensure_future(self._trailing(delay))
         return infos
@@ -977,14 +1020,15 @@ class AsyncClient(_Queries):
         idle_autocommit = (
             conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         )
+        cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
         if not guard or (idle_autocommit and len(items) == 1):
-            return await self._execute(conn, items, params)
+            return await self._execute(cur, items, params)
         if idle_autocommit:
             async with conn.transaction():
-                return await self._execute(conn, items, params)
+                return await self._execute(cur, items, params)
         await conn.execute(_SAVEPOINT)
         try:
-            infos = await self._execute(conn, items, params)
+            infos = await self._execute(cur, items, params)
         except BaseException:
             await conn.execute(_ROLLBACK_SAVEPOINT)
             await conn.execute(_RELEASE_SAVEPOINT)
@@ -994,12 +1038,12 @@ class AsyncClient(_Queries):
 
     async def _execute(
         self,
-        conn: psycopg.AsyncConnection[Any],
+        cur: psycopg.AsyncCursor[tuple[Any, ...]],
         items: list[tuple[Task, dict[str, Any]]],
         params: dict[str, Any],
     ) -> list[TaskInfo]:
+        conn = cur.connection
         try:
-            cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
             plan = None if len(params["queue"]) == 1 else _copy_plan(params)
             assert plan is not None or not params["deferred"], "deferred payloads go through COPY"
             if plan is not None:
