@@ -293,18 +293,7 @@ def _shared_params(
 
 
 #: The columns of task_enqueue that `_options` gives, in its order.
-_SHARED_COLUMNS = (
-    "task_id",
-    "queue",
-    "group_key",
-    "max_retry",
-    "timeout",
-    "deadline",
-    "retention",
-    "unique_ttl",
-    "process_at",
-    "process_in",
-)
+_SHARED_COLUMNS = tuple(c for c in _COLUMNS if c not in ("type", "payload", "headers"))
 
 
 def to_infos(
