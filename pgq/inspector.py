@@ -94,9 +94,14 @@ class GroupInfo:
     """A group of tasks waiting to be aggregated (G14).
 
     size, oldest_at and newest_at come from the members themselves.
-    next_due_at is known only while the group backs off after a failed
-    aggregation (the retry time); otherwise it depends on the grace period and
-    max delay of the server that aggregates, which the database does not hold.
+    next_due_at: when the group is due, by the aggregation policy that the
+    running servers aggregating its queue publish in their heartbeat rows (the
+    earliest when they differ), and not before the retry time after a failed
+    aggregation. None when no running server aggregates the queue and no
+    aggregation has failed. due_by says which rule gives it: "grace_period"
+    (newest + grace), "max_delay" (oldest + max delay), "max_size" (full: due at
+    once) or "retry". A due time in the past means the next aggregation round
+    takes the group.
     errors / last_error / last_error_at: failed aggregation attempts so far.
     """
 
@@ -108,6 +113,7 @@ class GroupInfo:
     errors: int = 0
     last_error: str | None = None
     last_error_at: datetime | None = None
+    due_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -362,19 +368,7 @@ class Inspector:
 
         def op(conn: psycopg.Connection[Any]) -> list[GroupInfo]:
             self._require_queue(conn, queue)
-            return [
-                GroupInfo(
-                    group=r["group_key"],
-                    size=r["size"],
-                    oldest_at=r["oldest_at"],
-                    newest_at=r["newest_at"],
-                    next_due_at=r["retry_at"],
-                    errors=r["errors"] or 0,
-                    last_error=r["last_error"],
-                    last_error_at=r["last_error_at"],
-                )
-                for r in self._all(conn, self._q("inspector_group_list"), queue=queue)
-            ]
+            return [_group(r) for r in self._all(conn, self._q("inspector_group_list"), queue=queue)]
 
         return self._run(op)
 
@@ -597,6 +591,20 @@ class Inspector:
             return [_server(r, by_server.get(r["id"], [])) for r in rows]
 
         return self._run(op)
+
+
+def _group(r: Mapping[str, Any]) -> GroupInfo:
+    return GroupInfo(
+        group=r["group_key"],
+        size=r["size"],
+        oldest_at=r["oldest_at"],
+        newest_at=r["newest_at"],
+        next_due_at=r["due_at"],
+        errors=r["errors"] or 0,
+        last_error=r["last_error"],
+        last_error_at=r["last_error_at"],
+        due_by=r["due_by"],
+    )
 
 
 def _worker(t: Mapping[str, Any]) -> WorkerInfo:

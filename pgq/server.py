@@ -434,6 +434,16 @@ class Server:
                     "strict_priority": self.strict_priority,
                     "status": status,
                     "now": None,
+                    "group_policies": json.dumps(
+                        {
+                            q: {
+                                "grace_period": p.grace_period,
+                                "max_delay": p.max_delay,
+                                "max_size": p.max_size,
+                            }
+                            for q, p in self.group_policies.items()
+                        }
+                    ),
                 },
             )
 

@@ -44,7 +44,6 @@ class Queries:
     ack: LiteralString
     ack_done: LiteralString
     extend: LiteralString
-    heartbeat: LiteralString
     server_delete: LiteralString
 
     @classmethod
@@ -56,7 +55,6 @@ class Queries:
             ack=q("task_ack_many", schema),
             ack_done=q("task_ack_done", schema),
             extend=q("task_extend_leases", schema),
-            heartbeat=q("server_heartbeat", schema),
             server_delete=q("server_delete", schema),
         )
 

@@ -48,7 +48,8 @@ BEGIN
 END
 $views$;
 GRANT EXECUTE ON FUNCTION pgq.queue_counts(text, integer), pgq.estimate_task_count(text, text),
-                          pgq.aggregate_of_member(text) TO pgq_reader;
+                          pgq.aggregate_of_member(text),
+                          pgq.group_due(text, bigint, timestamptz, timestamptz, timestamptz) TO pgq_reader;
 
 -- pgq_worker: claims, acks, aggregation, maintenance, enqueue through pgq.Client.
 GRANT USAGE ON SCHEMA pgq TO pgq_worker;

@@ -162,7 +162,10 @@ CREATE TABLE pgq.server (
     strict_priority boolean NOT NULL DEFAULT false,
     status       text NOT NULL DEFAULT 'active',
     started_at   timestamptz NOT NULL DEFAULT now(),
-    heartbeat_at timestamptz NOT NULL DEFAULT now()
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    -- {queue: {"grace_period": s, "max_delay": s or null, "max_size": n or null}}
+    -- for each queue the server aggregates (migration 0002)
+    group_policies jsonb NOT NULL DEFAULT '{}'::jsonb
 );
 
 -- pgq.enqueue: enqueue from SQL (triggers, other languages). Returns the task's id.

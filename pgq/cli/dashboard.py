@@ -50,7 +50,8 @@ def dashboard(
         float | None,
         typer.Option(
             "--group-grace-period",
-            help="Your servers' group_grace_period in seconds, for the groups' next-due estimate.",
+            help="Your servers' group_grace_period in seconds, for the groups' next-due estimate "
+            "while no server aggregating the queue runs (running servers publish their own).",
             min=0,
         ),
     ] = None,

@@ -436,7 +436,8 @@ def register(app: typer.Typer) -> None:
     def group_ls(
         queue: QueueOpt, dsn: DsnOption = None, schema: SchemaOption = "pgq", as_json: JsonOption = False
     ) -> None:
-        """List a queue's aggregation groups: size, oldest/newest member, last aggregation error."""
+        """List a queue's aggregation groups: size, oldest/newest member, when due (by the
+        policy of the running servers), last aggregation error."""
         with inspector(dsn, schema) as insp:
             groups = insp.groups(queue)
         if as_json:
@@ -447,9 +448,18 @@ def register(app: typer.Typer) -> None:
             return
         table(
             f"groups in queue {queue}",
-            ["group", "size", "oldest", "newest", "retry at", "errors", "last error"],
+            ["group", "size", "oldest", "newest", "due", "by", "errors", "last error"],
             [
-                [g.group, g.size, g.oldest_at, g.newest_at, g.next_due_at, g.errors, short(g.last_error, 60)]
+                [
+                    g.group,
+                    g.size,
+                    g.oldest_at,
+                    g.newest_at,
+                    g.next_due_at,
+                    g.due_by,
+                    g.errors,
+                    short(g.last_error, 60),
+                ]
                 for g in groups
             ],
         )

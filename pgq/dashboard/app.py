@@ -75,6 +75,15 @@ STATE_ORDER = ("active", "pending", "aggregating", "scheduled", "retry", "archiv
 CHART_DAYS = (7, 14, 30, 90)
 
 
+#: How a GroupInfo's next_due_at was worked out (GroupInfo.due_by), for people.
+_DUE_BY = {
+    "retry": "retry after a failed aggregation",
+    "max_size": "full (max size)",
+    "grace_period": "newest + grace period",
+    "max_delay": "oldest + max delay",
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """How the dashboard behaves (the CLI's options)."""
@@ -82,7 +91,8 @@ class Settings:
     refresh: float = 2.0  # seconds between auto-refreshes; 0: off
     read_only: bool = False
     page_size: int = PAGE_SIZE
-    group_grace_period: float = DEFAULT_GRACE_PERIOD  # for the next-due estimate only
+    # for the next-due estimate when no running server publishes its policy
+    group_grace_period: float = DEFAULT_GRACE_PERIOD
     group_max_delay: float | None = None
     group_max_size: int | None = None
 
@@ -587,9 +597,11 @@ class Dashboard:
         )
 
     def next_due(self, g: GroupInfo) -> tuple[datetime | None, str]:
-        """When a group is expected to be aggregated, and how that was worked out."""
+        """When a group is expected to be aggregated, and how that was worked out: from
+        the policy the running servers publish, else estimated from the dashboard's
+        --group-* options (no server aggregating the queue is running)."""
         if g.next_due_at is not None:
-            return g.next_due_at, "retry after a failed aggregation"
+            return g.next_due_at, _DUE_BY.get(g.due_by or "", g.due_by or "")
         s = self.settings
         if s.group_max_size and g.size >= s.group_max_size:
             return g.newest_at, "full (max size)"

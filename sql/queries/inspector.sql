@@ -92,12 +92,14 @@ SELECT (SELECT count(*) FROM tasks) AS tasks, (SELECT count(*) FROM q) AS queues
 -- The groups of a queue, from the members themselves (exact), with the
 -- aggregator's bookkeeping: a retry time and the last error after a failed
 -- aggregation. Uses task_aggregating_idx.
+-- due_at / due_by: when the group is due and by which rule (pgq.group_due).
 SELECT m.group_key, m.size, m.oldest_at, m.newest_at,
-       g.retry_at, g.errors, g.last_error, g.last_error_at
+       g.errors, g.last_error, g.last_error_at, due.due_at, due.due_by
 FROM (SELECT group_key, count(*) AS size, min(enqueued_at) AS oldest_at, max(enqueued_at) AS newest_at
       FROM pgq.task WHERE queue = %(queue)s AND state = 'aggregating'
       GROUP BY group_key) AS m
 LEFT JOIN pgq.task_group g ON g.queue = %(queue)s AND g.group_key = m.group_key
+CROSS JOIN LATERAL pgq.group_due(%(queue)s, m.size, m.oldest_at, m.newest_at, g.retry_at) AS due
 ORDER BY m.oldest_at, m.group_key;
 
 -- name: inspector_group_lock

@@ -201,13 +201,16 @@ RETURNING t.id;
 
 -- name: server_heartbeat
 -- returns: none
--- Insert or refresh this server's row (pgq.server).
+-- Insert or refresh this server's row (pgq.server), with the aggregation policy
+-- of each queue it aggregates (the Inspector works out when groups are due).
 INSERT INTO pgq.server AS s (id, host, pid, queues, concurrency, strict_priority, status,
-                             started_at, heartbeat_at)
+                             started_at, heartbeat_at, group_policies)
 VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s::jsonb, %(concurrency)s, %(strict_priority)s,
-        %(status)s, coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now()))
+        %(status)s, coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now()),
+        %(group_policies)s::jsonb)
 ON CONFLICT (id) DO UPDATE
-    SET status = excluded.status, heartbeat_at = excluded.heartbeat_at;
+    SET status = excluded.status, heartbeat_at = excluded.heartbeat_at,
+        group_policies = excluded.group_policies;
 
 -- name: server_delete
 -- returns: none

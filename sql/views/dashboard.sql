@@ -165,6 +165,48 @@ SELECT s.queue,
        s.aggregated_members
 FROM pgq.stat_daily s;
 
+-- When a waiting group is due, by the aggregation policies that the running
+-- servers aggregating its queue publish (pgq.server.group_policies), with the
+-- aggregator's rules: newest member + grace period, capped at oldest member +
+-- max delay, at once (its newest member) when it has max size members; the
+-- earliest when servers differ; and not before p_retry_at, the retry time after
+-- a failed aggregation. due_by names the rule ('grace_period', 'max_delay',
+-- 'max_size', 'retry'); both NULL when no server aggregates the queue and no
+-- aggregation failed. Used by pgq.group_stats and Inspector.groups().
+CREATE OR REPLACE FUNCTION pgq.group_due(
+    p_queue text, p_size bigint, p_oldest_at timestamptz, p_newest_at timestamptz,
+    p_retry_at timestamptz, OUT due_at timestamptz, OUT due_by text)
+LANGUAGE sql STABLE
+SECURITY DEFINER  -- reads only the servers' published policies: group_stats works for a views-only role
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT CASE WHEN p_retry_at >= pol.due_at OR pol.due_at IS NULL THEN p_retry_at ELSE pol.due_at END,
+           CASE WHEN p_retry_at >= pol.due_at OR (pol.due_at IS NULL AND p_retry_at IS NOT NULL)
+                THEN 'retry' ELSE pol.due_by END
+    FROM (SELECT 1) AS one
+    LEFT JOIN LATERAL (
+        SELECT d.due_at, d.due_by
+        FROM pgq.server s
+        CROSS JOIN LATERAL jsonb_each(s.group_policies) AS p(queue, policy)
+        CROSS JOIN LATERAL (
+            SELECT p_newest_at + (p.policy->>'grace_period')::float8 * interval '1 second' AS grace_at,
+                   p_oldest_at + (p.policy->>'max_delay')::float8 * interval '1 second' AS delay_at,
+                   p_size >= (p.policy->>'max_size')::int AS full
+        ) x
+        CROSS JOIN LATERAL (
+            SELECT CASE WHEN x.full THEN p_newest_at
+                        WHEN x.delay_at < x.grace_at THEN x.delay_at
+                        ELSE x.grace_at END AS due_at,
+                   CASE WHEN x.full THEN 'max_size'
+                        WHEN x.delay_at < x.grace_at THEN 'max_delay'
+                        ELSE 'grace_period' END AS due_by
+        ) d
+        WHERE p.queue = p_queue
+        ORDER BY d.due_at
+        LIMIT 1
+    ) pol ON true
+$fn$;
+
 -- Exact group statistics, computed from the waiting members themselves.
 -- Cost grows with the members read: filter on queue (and group_key).
 CREATE OR REPLACE VIEW pgq.group_stats AS
@@ -178,12 +220,15 @@ SELECT m.queue,
        g.retry_at,
        coalesce(g.errors, 0) AS errors,
        g.last_error,
-       g.last_error_at
+       g.last_error_at,
+       due.due_at AS next_due_at,
+       due.due_by
 FROM (SELECT t.queue, t.group_key, count(*) AS size,
              min(t.enqueued_at) AS oldest_at, max(t.enqueued_at) AS newest_at
       FROM pgq.task t WHERE t.state = 'aggregating'
       GROUP BY t.queue, t.group_key) m
-LEFT JOIN pgq.task_group g ON g.queue = m.queue AND g.group_key = m.group_key;
+LEFT JOIN pgq.task_group g ON g.queue = m.queue AND g.group_key = m.group_key
+CROSS JOIN LATERAL pgq.group_due(m.queue, m.size, m.oldest_at, m.newest_at, g.retry_at) AS due;
 
 -- The aggregators' per-group summary: cheap on any number of groups (indexed
 -- by queue and size, oldest and newest member), for "largest / oldest / failing
@@ -243,7 +288,8 @@ SELECT s.id AS server_id,
        s.heartbeat_at,
        extract(epoch FROM now() - s.heartbeat_at)::float8 AS heartbeat_age_seconds,
        coalesce(a.active_tasks, 0) AS active_tasks,
-       coalesce(a.active_tasks, 0)::float8 / nullif(s.concurrency, 0) AS utilization
+       coalesce(a.active_tasks, 0)::float8 / nullif(s.concurrency, 0) AS utilization,
+       s.group_policies
 FROM pgq.server s
 LEFT JOIN LATERAL (
     SELECT count(*) AS active_tasks FROM pgq.task t WHERE t.state = 'active' AND t.locked_by = s.id

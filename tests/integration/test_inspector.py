@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -377,6 +378,59 @@ def test_groups_lists_size_times_and_last_error(
     assert g2.next_due_at == NOW + timedelta(seconds=5)
     info = insp.get_queue_info("q")
     assert (info.aggregating, info.groups) == (4, 2)
+
+
+def _publish(conn: psycopg.Connection[Any], server: str, policies: dict[str, Any]) -> None:
+    """A server row as a running pgq.Server writes it (server_heartbeat)."""
+    conn.execute(
+        "INSERT INTO pgq.server (id, host, pid, queues, concurrency, group_policies) "
+        "VALUES (%s, 'h', 1, '{}', 1, %s::jsonb) "
+        "ON CONFLICT (id) DO UPDATE SET group_policies = excluded.group_policies",
+        (server, json.dumps(policies)),
+    )
+
+
+def test_groups_next_due_from_the_published_policies(
+    insp: Inspector, client: pgq.Client, conn: psycopg.Connection[Any]
+) -> None:
+    make_groups(client)
+    before = {g.group: g for g in insp.groups("q")}
+    assert before["g1"].next_due_at is None and before["g1"].due_by is None  # no server aggregates q
+    g1 = before["g1"]
+    # two servers aggregate q with different grace periods: the earliest due time wins
+    _publish(conn, "s1", {"q": {"grace_period": 60, "max_delay": None, "max_size": None}})
+    _publish(conn, "s2", {"q": {"grace_period": 30, "max_delay": None, "max_size": None}, "r": {}})
+    g = {x.group: x for x in insp.groups("q")}["g1"]
+    assert (g.next_due_at, g.due_by) == (g1.newest_at + timedelta(seconds=30), "grace_period")
+    # a max delay that comes first caps the renewing grace period
+    span = (g1.newest_at - g1.oldest_at).total_seconds()
+    _publish(conn, "s2", {"q": {"grace_period": 30, "max_delay": span + 1, "max_size": None}})
+    g = {x.group: x for x in insp.groups("q")}["g1"]
+    assert (g.next_due_at, g.due_by) == (g1.oldest_at + timedelta(seconds=span + 1), "max_delay")
+    # a full group is due at once: when its newest member came
+    _publish(conn, "s2", {"q": {"grace_period": 30, "max_delay": None, "max_size": 3}})
+    groups = {x.group: x for x in insp.groups("q")}
+    assert (groups["g1"].next_due_at, groups["g1"].due_by) == (g1.newest_at, "max_size")
+    assert groups["g2"].due_by == "grace_period"  # one member of three
+    view = conn.execute(
+        "SELECT group_key, next_due_at, due_by FROM pgq.group_stats WHERE queue = 'q' ORDER BY group_key"
+    ).fetchall()
+    assert [(r["group_key"], r["next_due_at"], r["due_by"]) for r in view] == [
+        (k, groups[k].next_due_at, groups[k].due_by) for k in ("g1", "g2")
+    ]
+    # after a failed aggregation: not before the retry time
+    fold_arrivals(conn)
+    late = g1.newest_at + timedelta(hours=1)
+    conn.execute("UPDATE pgq.task_group SET retry_at = %s WHERE group_key = 'g1'", (late,))
+    g = {x.group: x for x in insp.groups("q")}["g1"]
+    assert (g.next_due_at, g.due_by) == (late, "retry")
+    conn.execute("UPDATE pgq.task_group SET retry_at = %s WHERE group_key = 'g1'", (g1.oldest_at,))
+    g = {x.group: x for x in insp.groups("q")}["g1"]
+    assert (g.next_due_at, g.due_by) == (g1.newest_at, "max_size")
+    # the servers are gone (shut down, or cleaned as stale): back to unknown
+    conn.execute("DELETE FROM pgq.server")
+    g = {x.group: x for x in insp.groups("q")}["g2"]
+    assert (g.next_due_at, g.due_by) == (None, None)
 
 
 def test_list_aggregating_tasks_in_enqueue_order(insp: Inspector, client: pgq.Client) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -59,3 +60,33 @@ def test_member_run_by_hand_is_processed_alone_and_cancel_reaches_handler(dsn: s
             assert info.state in ("retry", "pending") and info.retried == 1
         finally:
             server.shutdown()
+
+
+@pytest.mark.slow
+def test_a_running_server_publishes_its_group_policy(dsn: str) -> None:
+    def aggregate(group: str, tasks: list[pgq.Task]) -> pgq.Task:
+        return pgq.Task("batch", [t.payload for t in tasks])
+
+    mux = pgq.ServeMux()
+    mux.handle("batch", lambda task: None)
+    with pgq.Client(dsn) as client, pgq.Inspector(dsn) as insp:
+        first = client.enqueue(pgq.Task("email", 1), queue="q", group="g")
+        last = client.enqueue(pgq.Task("email", 2), queue="q", group="g")
+        (g,) = insp.groups("q")
+        assert (g.next_due_at, g.due_by) == (None, None)  # nobody aggregates q yet
+        server = pgq.Server(
+            dsn,
+            queues={"q": 1, "plain": 1},
+            group_aggregator=aggregate,
+            group_policies={"q": pgq.GroupPolicy(grace_period="1h", max_delay="2h", max_size=50)},
+        )
+        server.start(mux)
+        try:
+            wait_for(lambda: len(insp.servers()) == 1, timeout=20)
+            (g,) = insp.groups("q")
+            assert (g.next_due_at, g.due_by) == (last.enqueued_at + timedelta(hours=1), "grace_period")
+            assert g.oldest_at == first.enqueued_at
+        finally:
+            server.shutdown()
+        (g,) = insp.groups("q")  # the server removed its row at shutdown
+        assert (g.next_due_at, g.due_by) == (None, None)
