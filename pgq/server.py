@@ -95,6 +95,7 @@ class Server:
         group_max_delay: float | timedelta | str | None = None,
         group_max_size: int | None = None,
         group_policies: Mapping[str, GroupPolicy] | None = None,
+        group_aggregator_timeout: float | timedelta = 30.0,
         retry_delay_func: Callable[..., Any] | None = None,
         is_failure: Callable[[BaseException], bool] | None = None,
         error_handler: Callable[..., Any] | None = None,
@@ -145,6 +146,7 @@ class Server:
         self.clean_interval = _seconds(clean_interval, "clean_interval")
         self.listener_keepalive = _seconds(listener_keepalive, "listener_keepalive")
         self.poll_only = bool(poll_only)
+        self.group_aggregator_timeout = _seconds(group_aggregator_timeout, "group_aggregator_timeout")
         self.group_policies: dict[str, ResolvedPolicy] = resolve_group_policies(
             qs,
             aggregator=group_aggregator,
@@ -294,7 +296,12 @@ class Server:
                 # Imported lazily: only servers with an aggregating queue need it.
                 agg_mod = importlib.import_module("pgq.services.aggregator")
                 self.aggregator = agg_mod.Aggregator(
-                    dsn, pool, self.group_policies, schema=self.schema, worker_id=wid
+                    dsn,
+                    pool,
+                    self.group_policies,
+                    schema=self.schema,
+                    worker_id=wid,
+                    aggregate_timeout=self.group_aggregator_timeout,
                 )
                 agg_task = asyncio.create_task(self.aggregator.run(agg_stop), name="pgq-aggregator")
             wake_ch = _sql.channel(self.schema)

@@ -6,6 +6,7 @@ server without an aggregator (G11)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -306,3 +307,35 @@ def test_s9_sigkill_mid_aggregation_another_server_aggregates_each_member_once(
     chunks = check_exactly_once(conn, set(range(25)))
     assert [len(c) for c in chunks] == [10, 10, 5]
     assert chunks[0] == list(range(10))
+
+
+def test_group_aggregator_timeout_is_a_server_setting(
+    dsn: str, servers: Callable[..., pgq.Server], client: pgq.Client
+) -> None:
+    for bad in (0, -1, "soon"):
+        with pytest.raises(pgq.ConfigError, match="group_aggregator_timeout"):
+            pgq.Server(dsn, queues={Q: 1}, group_aggregator=concat, group_aggregator_timeout=bad)
+    calls: list[int] = []
+
+    async def slow_once(group: str, tasks: list[pgq.Task]) -> pgq.Task:
+        calls.append(len(tasks))
+        if len(calls) == 1:
+            await asyncio.sleep(60)  # cancelled at the timeout
+        return concat(group, tasks)
+
+    rec = Recorder()
+    servers(
+        dsn,
+        mux_for(rec),
+        group_aggregator=slow_once,
+        group_grace_period=0.05,
+        group_aggregator_timeout=0.2,
+        poll_interval=0.1,
+    )
+    client.enqueue_many([pgq.Task("item", i) for i in range(3)], queue=Q, group="g")
+    with pgq.Inspector(dsn) as insp:
+        wait_for(lambda: bool(insp.groups(Q)) and insp.groups(Q)[0].errors >= 1, timeout=15)
+        [g] = insp.groups(Q)
+        assert g.size == 3 and "took longer than 0.2 s" in (g.last_error or "")
+        rec.wait(lambda s: len(s) == 1, timeout=20)  # the retry is quick: it aggregates the group
+        assert insp.groups(Q) == [] and calls[:2] == [3, 3]
