@@ -7,6 +7,7 @@ import hashlib
 import math
 import random
 import subprocess
+import time
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -398,3 +399,75 @@ def test_s3_privilege_separation(fdb: str) -> None:
     assert hijacks == 0 and unpinned == []
     assert "enqueue" in line["security_definer_functions"]
     assert not line["public_usage_on_schema"]
+
+
+def _r17_names() -> dict[str, str]:
+    """Queue/group names at the edges of PostgreSQL's 63-byte identifiers and pgq's limit."""
+    from pgq.task import MAX_NAME_LENGTH
+
+    return {
+        "1": "q",
+        "63": "a" * 63,
+        "64": "b" * 64,
+        "128": "c" * 128,
+        "129": "d" * 129,
+        "limit": "e" * MAX_NAME_LENGTH,
+        "straddle": "f" * 62 + "é" + "f" * 10,  # a two-byte character across byte 63
+        "twin-A": "t" * 63 + "A",  # identical in their first 63 bytes
+        "twin-B": "t" * 63 + "B",
+    }
+
+
+def test_r17_names_at_the_limits(fdb: str) -> None:
+    """Names round-trip exactly or are refused at the documented limit; wake-ups reach
+    every accepted queue name (pickup well under the 30 s poll) with no cross-talk."""
+    from pgq.task import MAX_NAME_LENGTH
+
+    names = _r17_names()
+    for too_long in ("x" * (MAX_NAME_LENGTH + 1), "x" * 1000):
+        with pgq.Client(fdb) as client, pytest.raises(pgq.InvalidName, match="limit"):
+            client.enqueue(pgq.Task("t"), queue=too_long)
+        with pgq.Client(fdb) as client, pytest.raises(pgq.InvalidName, match="limit"):
+            client.enqueue(pgq.Task("t"), queue="q", group=too_long)
+    served = [n for k, n in names.items() if k != "twin-B"]  # twin-B: enqueued, never served
+    seen: dict[str, list[float]] = {}
+    mux = pgq.ServeMux()
+    mux.handle("t", lambda task: seen.setdefault(task.queue, []).append(time.monotonic()))
+    server = pgq.Server(fdb, queues={q: 1 for q in served}, poll_interval=30, concurrency=4)
+    server.start(mux)
+    mismatches: list[str] = []
+    pickups: list[float] = []
+    try:
+        with pgq.Client(fdb, notify_window=0) as client, pgq.Inspector(fdb) as insp:
+            # the first claim round has run: from now on only wake-ups claim (the poll is 30 s)
+            wait_for(lambda: server.worker is not None and server.worker.polls >= 1, 20, "the first claim")
+            twin_b = client.enqueue(pgq.Task("t", "B"), queue=names["twin-B"])
+            for key, q in names.items():
+                if key == "twin-B":
+                    continue
+                t0 = time.monotonic()
+                info = client.enqueue(pgq.Task("t", key), queue=q)
+                if info.queue != q:
+                    mismatches.append(f"{key}: TaskInfo.queue")
+                wait_for(lambda q=q: q in seen, 10, f"pickup of {key}")  # type: ignore[misc]
+                pickups.append(seen[q][0] - t0)
+                grouped = client.enqueue(pgq.Task("g"), queue=names["1"], group=q)
+                groups = {g.group for g in insp.groups(names["1"])}
+                if grouped.group != q or q not in groups:
+                    mismatches.append(f"{key}: group name")
+            if insp.get_task_info(names["twin-B"], twin_b.id).state != "pending":
+                mismatches.append("twin-B was claimed by a server of twin-A only")
+            if sorted(seen) != sorted(served) or any(len(v) != 1 for v in seen.values()):
+                mismatches.append(f"served {sorted(len(k) for k in seen)}")
+    finally:
+        server.shutdown()
+    report(
+        "R17",
+        names=len(names),
+        mismatches=len(mismatches),
+        mismatch_list=mismatches,
+        pickup_ms_max=round(max(pickups) * 1000, 1),
+        pickup_ms_p50=round(sorted(pickups)[len(pickups) // 2] * 1000, 1),
+    )
+    assert mismatches == []
+    assert max(pickups) < 0.1, pickups  # woken by NOTIFY, not the 30 s poll
