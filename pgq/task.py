@@ -264,6 +264,7 @@ class Task:
     """
 
     __slots__ = (
+        "_completer",
         "_deadline",
         "_enqueued_at",
         "_group",
@@ -301,6 +302,31 @@ class Task:
         self._enqueued_at: datetime | None = None
         self._deadline: datetime | None = None
         self.result_writer: ResultWriter | None = None
+        self._completer: Any = None
+
+    def complete(self, conn: Any) -> None:
+        """Complete this task inside `conn`'s open transaction (transactional completion).
+
+        Call it from the handler, on the psycopg connection and in the transaction
+        that writes the task's effects: the completion commits with them or not at
+        all, so the effects happen exactly once. Once that transaction commits, the
+        task is completed whatever the handler does next (an exception, a crash: it
+        does not run again); if it rolls back, the worker records the handler's
+        outcome as usual. Raises LeaseLost when this attempt no longer owns the task
+        (its lease ran out and the task was taken over): let it roll the transaction
+        back. On an autocommit connection outside a transaction block the
+        completion commits at once, on its own.
+        """
+        self._owned().complete(conn)
+
+    async def complete_async(self, conn: Any) -> None:
+        """complete() on a psycopg AsyncConnection."""
+        await self._owned().complete_async(conn)
+
+    def _owned(self) -> Any:
+        if self._completer is None:
+            raise RuntimeError("complete() is for a task a pgq worker is running (in its handler)")
+        return self._completer
 
     @property
     def id(self) -> str | None:

@@ -150,6 +150,21 @@ async def ack_many(
     return {_first(r) for r in await cur.fetchall()}
 
 
+def completion_params(pk: int, attempt: int) -> dict[str, Any]:
+    """task_ack_many's parameters for one completion of this attempt (Task.complete,
+    on the handler's own connection)."""
+    return {
+        "id": _int_array([pk]),
+        "attempt": _int_array([attempt]),
+        "kind": "{" + DONE + "}",
+        "delay": "{NULL}",
+        "error": _text_or_nulls([None]),
+        "result": _text_or_nulls([None]),
+        "failed": "{f}",
+        "now": None,
+    }
+
+
 async def extend_leases(
     cur: AsyncCursor[Any],
     q: Queries,

@@ -45,7 +45,12 @@ When work can repeat (at-least-once): a worker that dies, stalls past its
 lease or loses its connection while running a task has that task run again
 elsewhere (by the recoverer, after the lease). A stale worker's outcome is
 rejected by the fence. A crash between a handler's return and the flush of
-its outcome runs the task again.
+its outcome runs the task again. Unless the handler completed the task in its
+own transaction (`task.complete(conn)`, `_Completer`): the same fenced
+task_ack_many, on the handler's connection, commits with the handler's
+effects, so the database holds effect and completion together or neither;
+the worker's own outcome for that task then finds nothing to change, which
+`_report` expects instead of counting a lost lease.
 
 Shutdown: stop claiming, wait `shutdown_timeout` for running handlers, then
 return the unfinished tasks to 'pending' without counting a retry (fenced)
@@ -223,6 +228,39 @@ class _ResultWriter(ResultWriter):
         fut: asyncio.Future[None] = w._loop.create_future()
         w._queue_result(self._job, encode_payload(value), fut)
         await fut
+
+
+class _Completer:
+    """task.complete(conn): task_ack_many for this one attempt, on the handler's own
+    connection and inside its transaction (fenced on (id, attempt, active) as every
+    outcome). The worker's own outcome for the task, written later, then finds the
+    task gone or completed and changes nothing; `_report` expects that."""
+
+    def __init__(self, job: _Job) -> None:
+        self._job = job
+
+    def _params(self) -> dict[str, Any]:
+        job = self._job
+        if job.finished and job.reason is not None:
+            raise LeaseLost(f"task {job.task.id} is no longer running here: {job.reason}")
+        return tasks.completion_params(job.id, job.attempt)
+
+    def _applied(self, rows: list[tuple[Any, ...]]) -> None:
+        job = self._job
+        if not any(r[0] == job.id for r in rows):
+            raise LeaseLost(
+                f"task {job.task.id}: this attempt no longer owns the task (lease lost); roll back"
+            )
+        job.worker._completed_in_tx.add(job.id)
+
+    def complete(self, conn: psycopg.Connection[Any]) -> None:
+        cur = conn.cursor(row_factory=tuple_row)
+        self._applied(cur.execute(self._job.worker.q.ack, self._params()).fetchall())
+
+    async def complete_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        cur = conn.cursor(row_factory=tuple_row)
+        await cur.execute(self._job.worker.q.ack, self._params())
+        self._applied(await cur.fetchall())
 
 
 class _Threads:
@@ -430,6 +468,9 @@ class Worker:
         self._acks: list[Ack] = []
         self._waiters: list[tuple[int, asyncio.Future[None] | concurrent.futures.Future[None]]] = []
         self._has_results = False
+        #: Tasks a handler completed in its own transaction (Task.complete): their later
+        #: outcome is expected to change nothing. Added from handler threads too.
+        self._completed_in_tx: set[int] = set()
         self._wake = _Wakeup(self._loop)
         self._slot_free = asyncio.Event()
         self._flush_wanted = asyncio.Event()
@@ -650,6 +691,7 @@ class Worker:
         job = _Job(self, pk, attempt, task, lease_until)
         job.plain = plain
         task.result_writer = _ResultWriter(job)
+        task._completer = _Completer(job)
         self.running[pk] = job
         self._idle.clear()
         self.claimed += 1
@@ -889,6 +931,13 @@ class Worker:
         applied: set[int],
         waiters: list[tuple[int, asyncio.Future[None] | concurrent.futures.Future[None]]],
     ) -> None:
+        if self._completed_in_tx:
+            for a in batch:
+                if a.id in self._completed_in_tx and a.kind != RESULT:
+                    # The handler completed the task in its transaction: this outcome
+                    # changed nothing if that committed, and applied if it rolled back.
+                    self._completed_in_tx.discard(a.id)
+                    applied = applied | {a.id}
         if len(applied) < len(batch):
             for a in batch:
                 if a.id not in applied:
