@@ -302,6 +302,7 @@ def _members(doc: str | None, groups: Sequence[_Group]) -> None:
         t._enqueued_at = _fromisoformat(enqueued_at)
         t._deadline = None
         t.result_writer = None
+        t._completer = None
         append(t)
     if ord_now:
         g.members, g.rows = tasks[start:], rows[start:]
