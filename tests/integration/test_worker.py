@@ -19,19 +19,14 @@ import pgq
 from pgq import tasks
 from pgq.services.cleaner import Cleaner
 from pgq.services.recoverer import Recoverer
+from tests.fixtures import util
 
 Conn = psycopg.Connection[Any]
 
 
-def wait_for(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
+def wait_for(pred: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """tests.fixtures.util.wait_for, polling every 10 ms (these tests time pickups)."""
+    return util.wait_for(pred, timeout, interval=0.01)
 
 
 @contextmanager
