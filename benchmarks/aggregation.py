@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import statistics
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from _scratch import scratch_db
 from psycopg.rows import dict_row
 
 import pgq
@@ -47,22 +44,6 @@ from pgq.config import resolve_group_policies
 from pgq.services.aggregator import Aggregator
 
 Q = "bench"
-
-
-@contextlib.contextmanager
-def scratch_db(admin: str) -> Iterator[str]:
-    name = f"pgq_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin, autocommit=True) as c:
-        c.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(admin)
-    params["dbname"] = name
-    dsn = make_conninfo("", **params)
-    try:
-        pgq.migrate.migrate(dsn)
-        yield dsn
-    finally:
-        with psycopg.connect(admin, autocommit=True) as c:
-            c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def pct(values: list[float], p: float) -> float:

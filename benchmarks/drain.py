@@ -38,20 +38,13 @@ import statistics
 import sys
 import threading
 import time
-import uuid
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from _scratch import scratch_db
 
 import pgq
 import pgq.migrate
-
-
-def dsn_for(server: str, dbname: str) -> str:
-    params = conninfo_to_dict(server)
-    params["dbname"] = dbname
-    return make_conninfo("", **params)
 
 
 def backend_cpu(dsn: str) -> float | None:
@@ -217,12 +210,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    name = f"pgq_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(args.dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        dsn = dsn_for(args.dsn, name)
-        pgq.migrate.migrate(dsn)
+    with scratch_db(args.dsn) as dsn:
         hand: list[float] = []
         mine: list[float] = []
         ratios: list[float] = []
@@ -280,9 +268,6 @@ def main() -> None:
                 }
             )
         )
-    finally:
-        with psycopg.connect(args.dsn, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 if __name__ == "__main__":

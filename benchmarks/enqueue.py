@@ -29,21 +29,14 @@ import json
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from _scratch import scratch_db
 
 import pgq
 import pgq.migrate
-
-
-def dsn_for(server: str, dbname: str) -> str:
-    params = conninfo_to_dict(server)
-    params["dbname"] = dbname
-    return make_conninfo("", **params)
 
 
 def payload(i: int) -> dict[str, Any]:
@@ -65,20 +58,12 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args()
 
-    name = f"pgq_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(args.dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    dsn = dsn_for(args.dsn, name)
-    try:
-        pgq.migrate.migrate(dsn)
+    with scratch_db(args.dsn) as dsn:
         with psycopg.connect(dsn, autocommit=True) as c:
             c.execute(
                 "CREATE TABLE t (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, payload jsonb NOT NULL)"
             )
         results = run(dsn, args)
-    finally:
-        with psycopg.connect(args.dsn, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     med = {k: statistics.median(v) for k, v in results.items()}
 

@@ -33,22 +33,15 @@ import multiprocessing
 import statistics
 import sys
 import time
-import uuid
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from _scratch import scratch_db
 
 import pgq
 import pgq.migrate
 
 WARMUP = 20
-
-
-def dsn_for(server: str, dbname: str) -> str:
-    params = conninfo_to_dict(server)
-    params["dbname"] = dbname
-    return make_conninfo("", **params)
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -203,12 +196,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print only the JSON line")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    name = f"pgq_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(args.dsn, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        dsn = dsn_for(args.dsn, name)
-        pgq.migrate.migrate(dsn)
+    with scratch_db(args.dsn) as dsn:
         with psycopg.connect(dsn, autocommit=True) as c:
             c.execute(HAND_SCHEMA)
         rounds: list[dict[str, float]] = []
@@ -251,9 +239,6 @@ def main() -> None:
                 f"(its enqueue call p50 {h['enqueue_call_p50_ms']} ms)"
             )
         print(json.dumps(out))
-    finally:
-        with psycopg.connect(args.dsn, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 if __name__ == "__main__":
