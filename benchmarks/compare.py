@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from _scratch import dsn_for
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
@@ -312,12 +312,6 @@ def versions(system: System) -> str:
 
 
 # -- databases ------------------------------------------------------------------------------
-
-
-def dsn_for(server: str, dbname: str) -> str:
-    params = conninfo_to_dict(server)
-    params["dbname"] = dbname
-    return make_conninfo("", **params)
 
 
 class Scratch:

@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from _scratch import dsn_for
 
 import pgq
 import pgq.migrate
@@ -120,12 +120,6 @@ def examples(text: str) -> list[str]:
     return [b.strip() for b in blocks if "not an example query" not in b]
 
 
-def with_db(dsn: str, name: str) -> str:
-    params = conninfo_to_dict(dsn)
-    params["dbname"] = name
-    return make_conninfo("", **params)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dsn", default="postgresql://root@127.0.0.1:5432/postgres")
@@ -137,7 +131,7 @@ def main() -> int:
     name = f"pgq_bench_views_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(args.dsn, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
-    target = with_db(args.dsn, name)
+    target = dsn_for(args.dsn, name)
     results: dict[str, dict[str, float]] = {}
     try:
         pgq.migrate.migrate(target)
