@@ -573,34 +573,25 @@ class Worker:
                         await asyncio.sleep(0)  # let the tasks just started begin first
                     wait = await tasks.next_due(cur, self.q, queues=self._queue_names)
                     backoff = 0.05
-                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                    logger.warning(
-                        "claimer: database error (%s); retrying in %.2fs",
-                        exc,
-                        backoff,
-                        extra={"action": "claim_error"},
-                    )
-                    await self._drop(conn)
-                    conn = None
-                    await self._sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                except psycopg.Error as exc:
-                    logger.error(
-                        "claimer: %s; retrying in %.2fs", exc, backoff, extra={"action": "claim_error"}
-                    )
-                    await self._drop(conn)
-                    conn = None
-                    await self._sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                except Exception:
+                except Exception as exc:
                     # Never let the claimer die: a dead claimer leaves a live process that claims nothing.
-                    logger.exception(
-                        "claimer: unexpected error; retrying in %.2fs",
-                        backoff,
-                        extra={"action": "claim_error"},
-                    )
+                    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                        logger.warning(
+                            "claimer: database error (%s); retrying in %.2fs",
+                            exc,
+                            backoff,
+                            extra={"action": "claim_error"},
+                        )
+                    elif isinstance(exc, psycopg.Error):
+                        logger.error(
+                            "claimer: %s; retrying in %.2fs", exc, backoff, extra={"action": "claim_error"}
+                        )
+                    else:
+                        logger.exception(
+                            "claimer: unexpected error; retrying in %.2fs",
+                            backoff,
+                            extra={"action": "claim_error"},
+                        )
                     await self._drop(conn)
                     conn = None
                     await self._sleep(backoff)
