@@ -254,10 +254,20 @@ class _Completer:
         job.worker._completed_in_tx.add(job.id)
 
     def complete(self, conn: psycopg.Connection[Any]) -> None:
+        if not isinstance(conn, psycopg.Connection):
+            raise TypeError(
+                f"complete() takes a psycopg Connection, not {type(conn).__name__}"
+                " (an AsyncConnection goes to complete_async())"
+            )
         cur = conn.cursor(row_factory=tuple_row)
         self._applied(cur.execute(self._job.worker.q.ack, self._params()).fetchall())
 
     async def complete_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        if not isinstance(conn, psycopg.AsyncConnection):
+            raise TypeError(
+                f"complete_async() takes a psycopg AsyncConnection, not {type(conn).__name__}"
+                " (a Connection goes to complete())"
+            )
         cur = conn.cursor(row_factory=tuple_row)
         await cur.execute(self._job.worker.q.ack, self._params())
         self._applied(await cur.fetchall())

@@ -133,3 +133,34 @@ def test_an_attempt_that_lost_the_task_cannot_complete_it(dsn: str, effects: psy
 def test_complete_outside_a_worker_is_an_error(dsn: str) -> None:
     with psycopg.connect(dsn) as conn, pytest.raises(RuntimeError, match="pgq worker"):
         pgq.Task("t").complete(conn)
+
+
+def test_complete_takes_the_right_kind_of_connection(dsn: str, effects: psycopg.Connection[Any]) -> None:
+    """A wrong connection object is a clear TypeError before any SQL; the task then completes normally."""
+    errors: list[str] = []
+
+    async def handler(task: pgq.Task) -> None:
+        for call in (lambda: task.complete(effects.cursor()), lambda: task.complete("dsn")):
+            try:
+                call()
+            except TypeError as exc:
+                errors.append(str(exc))
+        try:
+            await task.complete_async(effects)  # a sync connection
+        except TypeError as exc:
+            errors.append(str(exc))
+
+    mux = pgq.ServeMux()
+    mux.handle("work", handler)
+    server = run_server(dsn, mux)
+    try:
+        with pgq.Client(dsn) as client:
+            info = client.enqueue(pgq.Task("work"), queue=Q)
+            wait_for(lambda: state(effects, info.id) is None, 10, "the task completed by the worker")
+    finally:
+        server.shutdown()
+    assert errors == [
+        "complete() takes a psycopg Connection, not Cursor (an AsyncConnection goes to complete_async())",
+        "complete() takes a psycopg Connection, not str (an AsyncConnection goes to complete_async())",
+        "complete_async() takes a psycopg AsyncConnection, not Connection (a Connection goes to complete())",
+    ]
