@@ -6,7 +6,11 @@ PGQ_FAILPOINTS holds comma-separated `name=action` pairs, for example
 - `kill`: SIGKILL this process (a crash at that exact instant);
 - `exit`: os._exit(70) without cleanup;
 - `raise`: raise FailpointError (the caller's transaction rolls back);
-- `sleep:<seconds>`: pause there (asyncio.sleep in `hit_async`).
+- `sleep:<seconds>`: pause there (asyncio.sleep in `hit_async`);
+- `sleep:<a>-<b>`: pause a uniformly random time between a and b seconds (jitter).
+
+`kill`, `exit` and `raise` may take a probability, `kill:0.05`: the action fires
+on that share of hits (drawn at each hit) and the others pass.
 
 A name may end in `@N` in the variable (`aggregate.after_insert@3=kill`) to
 fire only on its N-th hit in this process. The variable is read at every hit,
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import time
 
@@ -49,14 +54,18 @@ def _action(name: str) -> str | None:
 
 def _fire(name: str, action: str) -> float:
     """Apply an action; returns seconds to sleep (0 for none)."""
+    if action.startswith("sleep:"):
+        low, sep, high = action.split(":", 1)[1].partition("-")
+        return random.uniform(float(low), float(high)) if sep else float(low)
+    action, sep, share = action.partition(":")
+    if sep and random.random() >= float(share):
+        return 0.0
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "exit":
         os._exit(70)
     elif action == "raise":
         raise FailpointError(f"failpoint {name}")
-    elif action.startswith("sleep:"):
-        return float(action.split(":", 1)[1])
     return 0.0
 
 
