@@ -38,6 +38,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import datetime, timedelta
 from typing import Any, LiteralString
 
@@ -504,6 +505,48 @@ class _Cursors:
         return cur
 
 
+class _Checkout:
+    """A connection of the Client's own pool for one call: getconn / putconn.
+
+    Its connections are autocommit, so `pool.connection()`'s `with conn:` (a
+    no-op commit) and its generator context managers buy nothing on this path
+    and cost about 8 µs of a single enqueue; putconn still rolls back a
+    connection left in a transaction and discards a broken one. A pool passed
+    in by the caller keeps `pool.connection()` (its connections may not be
+    autocommit).
+    """
+
+    __slots__ = ("_conn", "_pool")
+
+    def __init__(self, pool: psycopg_pool.ConnectionPool[Any]) -> None:
+        self._pool = pool
+
+    def __enter__(self) -> psycopg.Connection[Any]:
+        conn: psycopg.Connection[Any] = self._pool.getconn()
+        self._conn = conn
+        return conn
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.putconn(self._conn)
+
+
+class _AsyncCheckout:
+    """_Checkout for the AsyncClient's own pool."""
+
+    __slots__ = ("_conn", "_pool")
+
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+        self._pool = pool
+
+    async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
+        conn: psycopg.AsyncConnection[Any] = await self._pool.getconn()
+        self._conn = conn
+        return conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._pool.putconn(self._conn)
+
+
 class _Queries:
     _q_one: LiteralString
     _q_plain: LiteralString
@@ -749,6 +792,10 @@ class Client(_Queries):
         self._trailer = _TrailingNotifier(self._debounce, self._send_notify)
         self._closed = False
 
+    def _checkout(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+        """A pooled connection for one call (see _Checkout)."""
+        return _Checkout(self._pool) if self._own_pool else self._pool.connection()
+
     def enqueue(
         self, task: Task, *, conn: psycopg.Connection[Any] | None = None, notify: bool = True, **opts: Any
     ) -> TaskInfo:
@@ -764,7 +811,7 @@ class Client(_Queries):
         if conn is not None:
             row = conn.cursor(row_factory=psycopg.rows.tuple_row).execute(query, params).fetchone()
         else:
-            with self._pool.connection() as c:
+            with self._checkout() as c:
                 row = self._cursors.get(c).execute(query, params).fetchone()
         if delay is not None:
             self._trailer.arm(delay)
@@ -795,7 +842,7 @@ class Client(_Queries):
             params["notify"], delay = self._debounce.choose(params["queue"])
         else:
             params["notify"], delay = [], None
-        with self._pool.connection() as c:
+        with self._checkout() as c:
             if len(items) == 1 or not _any_unique(params):  # one statement: atomic by itself
                 infos = self._execute(self._cursors.get(c), items, params)
             else:
@@ -872,7 +919,7 @@ class Client(_Queries):
 
     def _send_notify(self, queues: list[str]) -> None:
         try:
-            with self._pool.connection() as c:
+            with self._checkout() as c:
                 c.execute(self._q_notify, {"queues": queues})
         except psycopg.Error:  # a wake-up is a hint; workers poll on a floor anyway
             pass
@@ -930,6 +977,11 @@ class AsyncClient(_Queries):
             self._pool = await db.pool_async(self._dsn, "client", max_size=8)
         return self._pool
 
+    async def _checkout(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
+        """A pooled connection for one call (see _Checkout)."""
+        pool = await self._get_pool()
+        return _AsyncCheckout(pool) if self._own_pool else pool.connection()
+
     async def enqueue(
         self,
         task: Task,
@@ -950,8 +1002,7 @@ class AsyncClient(_Queries):
             cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
             row = await (await cur.execute(query, params)).fetchone()
         else:
-            pool = await self._get_pool()
-            async with pool.connection() as c:
+            async with await self._checkout() as c:
                 row = await (await self._cursors.get(c).execute(query, params)).fetchone()
         if delay is not None and self._trailing_task is None:
             self._trailing_task = asyncio.ensure_future(self._trailing(delay))
@@ -984,8 +1035,7 @@ class AsyncClient(_Queries):
             params["notify"], delay = self._debounce.choose(params["queue"])
         else:
             params["notify"], delay = [], None
-        pool = await self._get_pool()
-        async with pool.connection() as c:
+        async with await self._checkout() as c:
             if len(items) == 1 or not _any_unique(params):  # one statement: atomic by itself
                 infos = await self._execute(self._cursors.get(c), items, params)
             else:
@@ -1081,8 +1131,7 @@ class AsyncClient(_Queries):
 
     async def _notify(self, queues: list[str]) -> None:
         try:
-            pool = await self._get_pool()
-            async with pool.connection() as c:
+            async with await self._checkout() as c:
                 await c.execute(self._q_notify, {"queues": queues})
         except psycopg.Error:  # a wake-up is a hint; workers poll on a floor anyway
             pass

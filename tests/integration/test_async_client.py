@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
+import psycopg_pool
 import pytest
 
 import pgq
@@ -214,3 +215,36 @@ def test_copied_batch_with_shared_options_and_a_late_bad_payload(
     run(dsn, body)
     assert [r["payload"]["i"] for r in rows(conn)] == list(range(n - 1))
     assert conn.execute("SELECT size FROM pgq.group_arrival").fetchall() == [{"size": n - 1}]
+
+
+def test_async_client_with_a_callers_pool(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    """A caller's pool (not autocommit) keeps pool.connection(), which commits; pgq's own
+    pool is checked out with getconn/putconn and survives a terminated connection."""
+
+    outcome: dict[str, int] = {}
+
+    async def main() -> None:
+        async with psycopg_pool.AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False) as pool:
+            async with pgq.AsyncClient(pool=pool) as c:
+                await c.enqueue(pgq.Task("t", "callers"))
+                await c.enqueue_many([pgq.Task("t", i) for i in range(3)])
+            assert not pool.closed
+        async with pgq.AsyncClient(dsn) as own:
+            await own.enqueue(pgq.Task("t", "own"))
+            killed = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name LIKE 'pgq:client:%%'"
+            ).fetchone()
+            assert killed is not None and killed["n"] >= 1
+            outcome["killed"], outcome["failed"] = killed["n"], 0
+            for i in range(4):  # a call may meet a dead connection, once per killed one
+                try:
+                    await own.enqueue(pgq.Task("t", f"own{i}"))
+                except psycopg.OperationalError:
+                    outcome["failed"] += 1
+
+    asyncio.run(main())
+    assert outcome["failed"] <= outcome["killed"] < 4
+    payloads = [r["payload"] for r in rows(conn)]
+    assert payloads[:5] == ["callers", 0, 1, 2, "own"]
+    assert len(payloads) == 5 + 4 - outcome["failed"]

@@ -592,6 +592,54 @@ def test_client_with_a_callers_pool(dsn: str, conn: psycopg.Connection[Any]) -> 
     assert len(task_rows(conn)) == 1
 
 
+def _terminate_client_backends(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name LIKE 'pgq:client:%%'"
+    ).fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+def test_client_gets_over_a_terminated_connection(client: pgq.Client, conn: psycopg.Connection[Any]) -> None:
+    """The Client's own pool is checked out with getconn/putconn: a connection that broke
+    under a call is discarded by putconn, and the next call gets a fresh one."""
+    client.enqueue(pgq.Task("t", 1))
+    client.enqueue_many([pgq.Task("t", i) for i in range(2, 4)])
+    killed = _terminate_client_backends(conn)
+    assert killed >= 1
+    failed = 0
+    for i in range(4, 8):  # a call may meet a dead connection, once per killed one
+        try:
+            client.enqueue(pgq.Task("t", i))
+        except psycopg.OperationalError:
+            failed += 1
+    assert failed <= killed < 4
+    assert len(task_rows(conn)) == 3 + 4 - failed
+    infos = client.enqueue_many([pgq.Task("t", i) for i in range(100)])  # the COPY path too
+    assert len(infos) == 100
+
+
+def test_client_leaves_no_connection_in_a_transaction(
+    client: pgq.Client, conn: psycopg.Connection[Any]
+) -> None:
+    """A failed call (a unique batch that rolls back, a task_id conflict) returns its
+    connection idle: the next calls on the same pool commit."""
+    client.enqueue(pgq.Task("t"), task_id="x")
+    with pytest.raises(pgq.TaskIDConflictError):
+        client.enqueue(pgq.Task("t"), task_id="x")
+    with pytest.raises(pgq.DuplicateTaskError):
+        client.enqueue_many([pgq.Task("u", 1), pgq.Task("u", 1)], unique=60)
+    client.enqueue(pgq.Task("t", "after"))
+    states = conn.execute(
+        "SELECT state FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name LIKE 'pgq:client:%%'"
+    ).fetchall()
+    assert states  # (a trailing NOTIFY of the Client's own may be running: 'active' is fine)
+    assert not [r for r in states if str(r["state"]).startswith("idle in transaction")]
+    assert [r["payload"] for r in task_rows(conn)] == [None, "after"]
+
+
 def test_one_client_shared_by_threads(client: pgq.Client, conn: psycopg.Connection[Any]) -> None:
     errors: list[BaseException] = []
 
