@@ -179,7 +179,9 @@ WORKLOAD_BY_KEY = {w.key: w for w in WORKLOADS}
 @dataclass
 class Sizes:
     rounds: int = 3
-    n_single: int = 500
+    # 2,000 one-task transactions take 1-2 s per system: with 500 (0.2-0.5 s) a hiccup of
+    # this shared machine swung the per-round single-enqueue ratios from 0.5x to 2x.
+    n_single: int = 2000
     n_bulk: int = 10_000
     bulk_reps: int = 3
     n_drain: int = 5000
