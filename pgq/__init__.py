@@ -22,7 +22,16 @@ from pgq.errors import (
     TaskNotFoundError,
     TaskStateError,
 )
-from pgq.inspector import DailyStats, GroupInfo, Inspector, QueueInfo, ServerInfo, WorkerInfo
+from pgq.inspector import (
+    DailyStats,
+    DoctorReport,
+    Finding,
+    GroupInfo,
+    Inspector,
+    QueueInfo,
+    ServerInfo,
+    WorkerInfo,
+)
 from pgq.mux import ServeMux
 from pgq.scheduler import Scheduler
 from pgq.server import Server
@@ -34,8 +43,10 @@ __all__ = [
     "Client",
     "ConfigError",
     "DailyStats",
+    "DoctorReport",
     "DuplicateTaskError",
     "EnqueueError",
+    "Finding",
     "GroupInfo",
     "GroupPolicy",
     "Inspector",

@@ -19,6 +19,13 @@ aggregator folding a concurrent arrival can never lose it (see
 inspector_group_forget_empty). Operations that meet a deadlock with an
 aggregator are retried.
 
+doctor() (`pgq doctor`) looks beyond pgq's rows, at what in the cluster slows
+or blocks a queue: the NOTIFY queue, long transactions, replication slots and
+prepared transactions holding back vacuum, pgq's own sessions idle in a
+transaction, squatters on the aggregation leadership keys, and the health of
+pgq.task. It reads catalogs and statistics views only (sql/queries/doctor.sql);
+what the role may not see becomes a finding, never an error.
+
 cancel_task is best effort: it sends NOTIFY `<schema>_cancel` with the task's
 key; a worker that hears it cancels the handler and the task is retried. A
 worker that is disconnected at that moment never hears it.
@@ -27,7 +34,7 @@ worker that is disconnected at that moment never hears it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any, LiteralString, TypeVar
@@ -46,6 +53,13 @@ ARCHIVABLE_STATES = ("pending", "scheduled", "retry", "aggregating")
 DELETABLE_STATES = ("pending", "scheduled", "retry", "archived", "completed", "aggregating")
 
 _BIGINT_MAX = 2**63 - 1
+#: Errors that make one doctor check a finding instead of a failure.
+_DOCTOR_DENIED = (
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedFunction,
+    psycopg.errors.InvalidSchemaName,
+)
 _MAX_PAGE_SIZE = 10_000
 _RETRIES = 5
 
@@ -145,6 +159,71 @@ class ServerInfo:
     heartbeat_at: datetime
     heartbeat_age: timedelta
     active_workers: list[WorkerInfo] = field(default_factory=list)
+
+
+#: Doctor finding levels, from best to worst.
+LEVELS = ("ok", "warn", "critical")
+
+#: NOTIFY queue usage at or above which doctor reports critical (a full queue fails enqueues).
+NOTIFY_QUEUE_CRITICAL = 0.9
+#: age(relfrozenxid) of pgq.task at or above which doctor reports critical (wraparound
+#: protection stops writes at about 2.1 billion).
+XID_AGE_CRITICAL = 1_200_000_000
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing doctor checked: `level` is ok, warn or critical; `message` is one line that
+    names the pid, slot, queue or relation; `values` are the raw figures behind it."""
+
+    check: str
+    level: str
+    message: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    """What Inspector.doctor() found; `level` is the worst level among the findings."""
+
+    findings: tuple[Finding, ...]
+    level: str
+
+    @property
+    def problems(self) -> tuple[Finding, ...]:
+        """The findings that are not ok."""
+        return tuple(f for f in self.findings if f.level != "ok")
+
+
+def _worst(findings: Sequence[Finding]) -> str:
+    return max((f.level for f in findings), key=LEVELS.index, default="ok")
+
+
+def _secs(value: float | timedelta, name: str) -> float:
+    s = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(s, bool) or not isinstance(s, int | float) or s < 0:
+        raise ValueError(f"{name} must be a non-negative number of seconds or a timedelta, got {value!r}")
+    return float(s)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f}min"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _who(r: Mapping[str, Any]) -> str:
+    """pid N (application_name 'x', user u, database d) for a session row."""
+    parts = [f"application_name {r.get('application_name') or ''!r}"]
+    if r.get("usename"):
+        parts.append(f"user {r['usename']}")
+    if r.get("datname"):
+        parts.append(f"database {r['datname']}")
+    return f"pid {r['pid']} ({', '.join(parts)})"
 
 
 def _key_of(task_id: str | int) -> tuple[str, int | None]:
@@ -591,6 +670,279 @@ class Inspector:
             return [_server(r, by_server.get(r["id"], [])) for r in rows]
 
         return self._run(op)
+
+    # -- doctor -------------------------------------------------------------------
+
+    def doctor(
+        self,
+        *,
+        long_transaction: float | timedelta = 60.0,
+        notify_queue_warn: float = 0.5,
+        pgq_idle_in_transaction: float | timedelta = 1.0,
+        xid_age_warn: int | None = None,
+        dead_tuples_ratio: float = 1.0,
+        limit: int = 10,
+    ) -> DoctorReport:
+        """Check what in the cluster slows or blocks pgq; see `pgq doctor` in docs/cli.md.
+
+        long_transaction: open transactions (and prepared ones) older than this
+        warn, each naming its pid. notify_queue_warn: pg_notification_queue_usage()
+        at or above this warns (critical from NOTIFY_QUEUE_CRITICAL).
+        pgq_idle_in_transaction: pgq's own sessions idle in a transaction longer
+        than this warn. xid_age_warn: age(relfrozenxid) of pgq.task above this
+        warns (default 1.5 x autovacuum_freeze_max_age). dead_tuples_ratio: more
+        dead than this times the live tuples of pgq.task (and over 10,000) warns.
+        limit: at most this many transactions are listed.
+        """
+        long_tx = _secs(long_transaction, "long_transaction")
+        idle_tx = _secs(pgq_idle_in_transaction, "pgq_idle_in_transaction")
+        if isinstance(notify_queue_warn, bool) or not isinstance(notify_queue_warn, int | float):
+            raise ValueError(f"notify_queue_warn must be a number between 0 and 1, got {notify_queue_warn!r}")
+        if not 0 <= notify_queue_warn <= 1:
+            raise ValueError(f"notify_queue_warn must be between 0 and 1, got {notify_queue_warn!r}")
+        if xid_age_warn is not None and (isinstance(xid_age_warn, bool) or not isinstance(xid_age_warn, int)):
+            raise ValueError(f"xid_age_warn must be an int or None, got {xid_age_warn!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise ValueError(f"limit must be an int between 1 and 1000, got {limit!r}")
+
+        def op(conn: psycopg.Connection[Any]) -> DoctorReport:
+            out: list[Finding] = []
+            checks: list[tuple[str, Callable[[], list[Finding]]]] = [
+                ("privileges", lambda: self._doctor_privileges(conn)),
+                ("transactions", lambda: self._doctor_transactions(conn, long_tx, notify_queue_warn, limit)),
+                ("pgq_idle_in_transaction", lambda: self._doctor_pgq_idle(conn, idle_tx)),
+                ("replication_slots", lambda: self._doctor_slots(conn)),
+                ("prepared_transactions", lambda: self._doctor_prepared(conn, long_tx)),
+                ("leader_keys", lambda: self._doctor_leaders(conn)),
+                ("task_table", lambda: self._doctor_task_table(conn, xid_age_warn, dead_tuples_ratio)),
+            ]
+            for name, check in checks:
+                try:
+                    out.extend(check())
+                except _DOCTOR_DENIED as exc:
+                    message = str(exc.diag.message_primary or exc).strip()
+                    out.append(
+                        Finding(
+                            name,
+                            "warn",
+                            f"{name}: not checked: {message} (run doctor as the schema owner, "
+                            "pgq_worker, or a role with pg_monitor)",
+                            {"error": message},
+                        )
+                    )
+            return DoctorReport(tuple(out), _worst(out))
+
+        return self._run(op)
+
+    def _doctor_privileges(self, conn: psycopg.Connection[Any]) -> list[Finding]:
+        r = self._one(conn, self._q("doctor_privileges"))
+        assert r is not None
+        hidden = int(r["hidden_sessions"])
+        if hidden:
+            return [
+                Finding(
+                    "privileges",
+                    "warn",
+                    f"role {r['role']} cannot see the state of {hidden} session(s) of other roles, so their "
+                    f"transactions are not checked: GRANT pg_monitor TO {r['role']}",
+                    dict(r),
+                )
+            ]
+        return [Finding("privileges", "ok", f"role {r['role']} sees every session", dict(r))]
+
+    def _doctor_transactions(
+        self, conn: psycopg.Connection[Any], long_tx: float, usage_warn: float, limit: int
+    ) -> list[Finding]:
+        q = self._one(conn, self._q("doctor_notify_queue"))
+        assert q is not None
+        usage = float(q["usage"])
+        rows = self._all(conn, self._q("doctor_transactions"), limit=limit)
+        oldest = max(
+            (r for r in rows if r["xact_age_seconds"] is not None),
+            key=lambda r: r["xact_age_seconds"],
+            default=None,
+        )
+        out: list[Finding] = []
+        level = "critical" if usage >= NOTIFY_QUEUE_CRITICAL else "warn" if usage >= usage_warn else "ok"
+        msg = f"NOTIFY queue {usage:.2%} used"
+        if level != "ok":
+            msg += "; a full queue makes every notifying COMMIT (enqueue) fail"
+            if oldest is not None:
+                msg += (
+                    f"; the oldest transaction, {_who(oldest)}, {oldest['state'] or '?'}, "
+                    f"open {_age(oldest['xact_age_seconds'])}, may be holding it"
+                )
+        out.append(
+            Finding(
+                "notify_queue",
+                level,
+                msg,
+                {"usage": usage, "warn_at": usage_warn, "oldest_pid": oldest["pid"] if oldest else None},
+            )
+        )
+        long = [r for r in rows if r["xact_age_seconds"] is not None and r["xact_age_seconds"] >= long_tx]
+        for r in long:
+            xmin = f", holds an xmin {r['xmin_age']} xids old" if r["xmin_age"] is not None else ""
+            # Since PostgreSQL 14 a transaction in another database does not hold back the
+            # vacuum of pgq's tables; it can still hold the (cluster-wide) NOTIFY queue.
+            if r["this_database"]:
+                level, why = "warn", "it holds back vacuum (and the NOTIFY queue if it listens)"
+            elif usage >= usage_warn:
+                level, why = "warn", "it may hold the NOTIFY queue (if it listens)"
+            else:
+                level, why = "ok", "another database: it does not hold back the vacuum of pgq's tables"
+            out.append(
+                Finding(
+                    "long_transaction",
+                    level,
+                    f"{_who(r)}: {r['state'] or '?'}, transaction open "
+                    f"{_age(r['xact_age_seconds'])}{xmin}; {why}",
+                    dict(r),
+                )
+            )
+        if not long:
+            age = ""
+            if oldest is not None:
+                age = f"; the oldest is {_age(oldest['xact_age_seconds'])} (pid {oldest['pid']})"
+            out.append(
+                Finding(
+                    "long_transaction",
+                    "ok",
+                    f"no transaction open longer than {_age(long_tx)}{age}",
+                    {"threshold_seconds": long_tx, "oldest": dict(oldest) if oldest else None},
+                )
+            )
+        return out
+
+    def _doctor_pgq_idle(self, conn: psycopg.Connection[Any], idle_tx: float) -> list[Finding]:
+        rows = self._all(conn, self._q("doctor_pgq_idle_in_transaction"), idle_seconds=idle_tx)
+        if not rows:
+            return [Finding("pgq_idle_in_transaction", "ok", "no pgq session is idle in a transaction", {})]
+        return [
+            Finding(
+                "pgq_idle_in_transaction",
+                "warn",
+                f"pgq session {_who(r)} is {r['state']} for {_age(r['idle_seconds'])} "
+                f"(transaction open {_age(r['xact_age_seconds'])})",
+                dict(r),
+            )
+            for r in rows
+        ]
+
+    def _doctor_slots(self, conn: psycopg.Connection[Any]) -> list[Finding]:
+        rows = self._all(conn, self._q("doctor_replication_slots"))
+        if not rows:
+            return [Finding("replication_slot", "ok", "no replication slot holds back xmin", {})]
+        out = []
+        for r in rows:
+            holds = ", ".join(
+                f"{k} {r[k + '_age']} xids old" for k in ("xmin", "catalog_xmin") if r[k + "_age"] is not None
+            )
+            state = f"active (pid {r['active_pid']})" if r["active"] else "INACTIVE"
+            out.append(
+                Finding(
+                    "replication_slot",
+                    "ok" if r["active"] else "warn",
+                    f"replication slot {r['slot_name']!r} ({r['slot_type']}, {state}) holds {holds}",
+                    dict(r),
+                )
+            )
+        return out
+
+    def _doctor_prepared(self, conn: psycopg.Connection[Any], long_tx: float) -> list[Finding]:
+        rows = self._all(conn, self._q("doctor_prepared_xacts"))
+        if not rows:
+            return [Finding("prepared_transaction", "ok", "no prepared transaction", {})]
+        return [
+            Finding(
+                "prepared_transaction",
+                "warn" if r["age_seconds"] >= long_tx and r["this_database"] else "ok",
+                f"prepared transaction {r['gid']!r} (owner {r['owner']}, database {r['database']}) "
+                f"open {_age(r['age_seconds'])}, xid {r['xid_age']} xids old: COMMIT PREPARED or "
+                "ROLLBACK PREPARED it",
+                dict(r),
+            )
+            for r in rows
+        ]
+
+    def _doctor_leaders(self, conn: psycopg.Connection[Any]) -> list[Finding]:
+        # The one definition of the key namespace is the aggregator's.
+        from pgq.services.aggregator import leader_namespace
+
+        try:
+            queues = [r["name"] for r in self._all(conn, self._q("doctor_leader_queues"))]
+        except psycopg.errors.InsufficientPrivilege:
+            queues = [r["name"] for r in self._all(conn, self._q("doctor_leader_queues_reader"))]
+        rows = self._all(
+            conn,
+            self._q("doctor_leader_holders"),
+            ns=leader_namespace(self._schema),
+            queues=sorted(set(queues)),
+        )
+        if not rows:
+            msg = "no aggregation leadership key is held"
+            return [Finding("leader_key", "ok", msg, {"queues": sorted(set(queues))})]
+        out = []
+        for r in rows:
+            who = _who(r)
+            if r["servers"]:
+                out.append(
+                    Finding(
+                        "leader_key",
+                        "ok",
+                        f"queue {r['queue']!r}: aggregation led by {who}, server {', '.join(r['servers'])}",
+                        dict(r),
+                    )
+                )
+            else:
+                out.append(
+                    Finding(
+                        "leader_key",
+                        "warn",
+                        f"queue {r['queue']!r}: the aggregation leadership key is held by {who}, which "
+                        "is not a running pgq server's leader connection (squatting?); no server leads it",
+                        dict(r),
+                    )
+                )
+        return out
+
+    def _doctor_task_table(
+        self, conn: psycopg.Connection[Any], xid_age_warn: int | None, dead_ratio: float
+    ) -> list[Finding]:
+        r = self._one(conn, self._q("doctor_task_table"), schema=self._schema)
+        if r is None:
+            msg = f"{self._schema}.task does not exist: run `pgq migrate`"
+            return [Finding("task_table", "critical", msg, {})]
+        values = dict(r)
+        warn_at = xid_age_warn if xid_age_warn is not None else int(r["freeze_max_age"]) * 3 // 2
+        values["xid_age_warn"] = warn_at
+        age = int(r["frozenxid_age"])
+        dead, live = int(r["n_dead_tup"] or 0), int(r["n_live_tup"] or 0)
+        vacuumed = _age(r["vacuum_age_seconds"]) + " ago" if r["vacuum_age_seconds"] is not None else "never"
+        base = (
+            f"{r['relation']}: {r['total_bytes'] / 2**20:.1f} MiB, {live} live / {dead} dead tuples, "
+            f"last vacuum {vacuumed}, age(relfrozenxid) {age}"
+        )
+        out = []
+        if age >= XID_AGE_CRITICAL:
+            out.append(
+                Finding("task_table", "critical", f"{base}: anti-wraparound vacuum is not keeping up", values)
+            )
+        elif age >= warn_at:
+            out.append(
+                Finding("task_table", "warn", f"{base}: above {warn_at}, anti-wraparound vacuum lags", values)
+            )
+        if dead > 10_000 and dead > dead_ratio * live:
+            out.append(
+                Finding(
+                    "task_table",
+                    "warn",
+                    f"{base}: more dead tuples than {dead_ratio:g} x live; is vacuum held back "
+                    "(see the transactions above)?",
+                    values,
+                )
+            )
+        return out or [Finding("task_table", "ok", base, values)]
 
 
 def _group(r: Mapping[str, Any]) -> GroupInfo:

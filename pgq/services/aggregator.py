@@ -221,6 +221,12 @@ class _MembersChanged(Exception):
 ROUND_RETRY_MAX = 2.0
 
 
+def leader_namespace(schema: str) -> str:
+    """The namespace of a schema's per-queue leadership keys (group_leader_elect hashes it
+    with the queue name into two int4 keys; `pgq doctor` looks the same keys up)."""
+    return f"{schema}:aggregate:"
+
+
 class AggregatorTimeout(TimeoutError):
     """The group aggregator did not return within aggregate_timeout."""
 
@@ -374,7 +380,7 @@ class Aggregator:
         self._q_elect = q["group_leader_elect"]
         self._q_analyze = q["group_analyze"]
         self._folded_groups = 0
-        self._leader_ns = f"{schema}:aggregate:"
+        self._leader_ns = leader_namespace(schema)
         self._count_cap = max([1000] + [2 * p.max_size for p in self._policies.values() if p.max_size])
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
