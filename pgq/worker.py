@@ -80,7 +80,7 @@ import psycopg_pool
 from psycopg.rows import tuple_row
 from psycopg.types.json import set_json_loads
 
-from pgq import tasks
+from pgq import _failpoints, tasks
 from pgq.errors import LeaseLost, SkipRetry
 from pgq.mux import Handler
 from pgq.task import ResultWriter, Task, encode_payload
@@ -234,7 +234,12 @@ class _Completer:
     """task.complete(conn): task_ack_many for this one attempt, on the handler's own
     connection and inside its transaction (fenced on (id, attempt, active) as every
     outcome). The worker's own outcome for the task, written later, then finds the
-    task gone or completed and changes nothing; `_report` expects that."""
+    task gone or completed and changes nothing; `_report` expects that.
+
+    Failpoint `complete.before_commit` (pgq._failpoints): after the completion
+    statement has run and taken effect on the handler's connection, before the
+    handler's transaction commits (R2 crashes workers there,
+    PGQ_FAILPOINTS=complete.before_commit=kill:0.05)."""
 
     def __init__(self, job: _Job) -> None:
         self._job = job
@@ -261,6 +266,7 @@ class _Completer:
             )
         cur = conn.cursor(row_factory=tuple_row)
         self._applied(cur.execute(self._job.worker.q.ack, self._params()).fetchall())
+        _failpoints.hit("complete.before_commit")
 
     async def complete_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
         if not isinstance(conn, psycopg.AsyncConnection):
@@ -271,6 +277,7 @@ class _Completer:
         cur = conn.cursor(row_factory=tuple_row)
         await cur.execute(self._job.worker.q.ack, self._params())
         self._applied(await cur.fetchall())
+        await _failpoints.hit_async("complete.before_commit")
 
 
 class _Threads:

@@ -93,6 +93,53 @@ def boom(task: pgq.Task) -> None:
     raise RuntimeError("boom")
 
 
+#: R2's effect: one row per committed execution, into chaos.effect (the test creates it,
+#: deliberately without a unique constraint, so a duplicate effect shows).
+_EFFECT = (
+    "INSERT INTO chaos.effect (task_pk, attempt, pid) "
+    "SELECT %(pk)s, (SELECT attempt FROM pgq.task WHERE id = %(pk)s), %(pid)s"
+)
+
+
+def _effect_conn() -> psycopg.Connection[Any]:
+    c = getattr(_local, "effect_conn", None)
+    if c is None or c.closed or c.broken:
+        c = _local.effect_conn = psycopg.connect(
+            DSN or "", autocommit=True, application_name="chaos:effect", connect_timeout=5
+        )
+    return c
+
+
+def effect(task: pgq.Task) -> None:
+    """R2: the effect row and the completion in one transaction (task.complete), then commit."""
+    log_execution(task)
+    conn = _effect_conn()
+    with conn.transaction():
+        conn.execute(_EFFECT, {"pk": int(task.id or 0), "pid": os.getpid()})
+        task.complete(conn)
+
+
+_async_conns: list[psycopg.AsyncConnection[Any]] = []
+
+
+async def effect_async(task: pgq.Task) -> None:
+    """effect() on an AsyncConnection, with task.complete_async."""
+    await asyncio.to_thread(log_execution, task)
+    conn = _async_conns.pop() if _async_conns else None
+    if conn is None or conn.closed or conn.broken:
+        conn = await psycopg.AsyncConnection.connect(
+            DSN or "", autocommit=True, application_name="chaos:effect", connect_timeout=5
+        )
+    try:
+        async with conn.transaction():
+            await conn.execute(_EFFECT, {"pk": int(task.id or 0), "pid": os.getpid()})
+            await task.complete_async(conn)
+    except BaseException:
+        await conn.close()
+        raise
+    _async_conns.append(conn)  # kept for the next task only after a clean commit
+
+
 def aggregate(group: str, tasks: list[pgq.Task]) -> pgq.Task:
     return pgq.Task("digest", [t.payload for t in tasks], retention=3600)
 
@@ -106,6 +153,8 @@ mux.handle("exit_thread", exit_thread)
 mux.handle("async_exit", async_exit)
 mux.handle("async_hang", async_hang)
 mux.handle("boom", boom)
+mux.handle("effect", effect)
+mux.handle("effect_async", effect_async)
 
 _agg_queue = _env("AGG_QUEUE", "")
 _queues = {q: 1 for q in _env("QUEUES", "default").split(",")}
