@@ -18,7 +18,10 @@ How a task travels through one worker process (one asyncio event loop):
    tasks than asked, it sleeps until the earliest of: a wake-up NOTIFY for a
    served queue, the next run_at among the served queues (by the database
    clock), or the polling floor. So a scheduled or retry task starts the
-   moment it is due; no forwarder moves it first.
+   moment it is due; no forwarder moves it first. A wake-up is only a hint
+   (any role may NOTIFY): after WAKE_GRACE wake-ups in a row whose claims
+   found nothing, each further one waits 5 ms, doubling up to
+   WAKE_COOLDOWN_MAX, before it claims; a claim that finds tasks resets it.
 2. `async def` handlers run as asyncio tasks on the loop (one per task, which
    records the outcome itself: no done callback); plain `def`
    handlers run in a bounded pool of daemon threads. A handler's deadline
@@ -424,6 +427,14 @@ async def configure_connection(conn: psycopg.AsyncConnection[Any]) -> None:
     set_json_loads(safe_json_loads, conn)
 
 
+#: Wake-ups in a row whose claim may find nothing before the claimer slows down for them.
+WAKE_GRACE = 4
+#: The longest a wake-up then waits before its claim (doubling from 5 ms). A NOTIFY is a hint
+#: any role may send: this bounds the claims it causes to about 1/WAKE_COOLDOWN_MAX per second
+#: per worker; a claim that finds tasks ends the slow-down at once.
+WAKE_COOLDOWN_MAX = 0.1
+
+
 class _Wakeup:
     """A flag the claimer sleeps on with a timeout: set() resumes the sleeper in the next
     loop iteration (asyncio.wait_for on an Event takes a task and three more iterations)."""
@@ -542,6 +553,8 @@ class Worker:
         conn: psycopg.AsyncConnection[Any] | None = None
         backoff = 0.05
         busy_backoff = 0.005
+        woken = False  # this claim follows a wake-up
+        empty_wakes = 0  # wake-ups in a row whose claim found nothing
         cfg = self.cfg
         try:
             while not self._stopping:
@@ -616,6 +629,9 @@ class Worker:
                     continue
                 if rows:
                     busy_backoff = 0.005
+                    empty_wakes = 0
+                elif woken:
+                    empty_wakes += 1
                 timeout = cfg.poll_interval
                 if wait is not None:
                     if wait <= 0:
@@ -625,6 +641,11 @@ class Worker:
                     else:
                         timeout = min(timeout, wait + 0.001)
                 await self._sleep(timeout)
+                woken = self._wake.is_set()
+                if woken and empty_wakes >= WAKE_GRACE and not self._stopping:
+                    # Wake-ups keep finding nothing (other workers won the tasks, or a role
+                    # floods pgq_wake: RELIABILITY S4): let them gather before claiming.
+                    await asyncio.sleep(min(WAKE_COOLDOWN_MAX, 0.005 * 2 ** (empty_wakes - WAKE_GRACE)))
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):

@@ -10,8 +10,10 @@ its window; doctor names the rogue pid; an enqueue with notify=False commits.
 
 S4: the spoofer sends pg_notify('pgq_wake', <a served queue>) in a tight loop
 (one transaction each) while a Server with an idle queue runs. Wake-ups are
-hints: the claimer is one sequential loop, so it never claims more often than
-it is woken plus its polling floor, and no task changes state.
+hints: after WAKE_GRACE wake-ups in a row that find nothing, the claimer lets
+them gather for up to WAKE_COOLDOWN_MAX (pgq/worker.py), so the flood costs at
+most about 1/WAKE_COOLDOWN_MAX claims a second plus the polling floor (without
+it: 429-532 a second, one per wake-up); no task changes state.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pgq
 from pgq import _sql
+from pgq.worker import WAKE_COOLDOWN_MAX, WAKE_GRACE
 from tests.fault.chaos import report, size
 from tests.fixtures.util import wait_for
 
@@ -180,9 +183,12 @@ def test_s4_wakeup_spoofing(cluster: Any, fdb: str) -> None:
         claim_polls_per_s=round(polls / spoof_s, 1),
         quiet_claim_polls_per_s=round(quiet_rate, 2),
         poll_interval_s=1.0,
-        wake_cooldown_s=None,  # the worker has none: each wake-up may cause a claim
+        wake_cooldown_max_s=WAKE_COOLDOWN_MAX,
         tasks_moved=len(moved),
     )
-    # One sequential claimer: never more claims than wake-ups received plus the polling floor.
-    assert polls <= sent + spoof_s / 1.0 + 1, line
+    # Wake-ups that find nothing slow the claimer down: after WAKE_GRACE of them it claims at most
+    # once per WAKE_COOLDOWN_MAX (after a doubling ramp from 5 ms: 5 more), plus the polling floor.
+    bound = WAKE_GRACE + 5 + spoof_s / WAKE_COOLDOWN_MAX + spoof_s / 1.0 + 2
+    assert polls <= bound, line
+    assert sent > 10 * bound, line  # the spoofer did send far more than that
     assert moved == [], line
