@@ -721,6 +721,11 @@ class Worker:
         job.plain = plain
         task.result_writer = _ResultWriter(job)
         task._completer = _Completer(job)
+        old = self.running.get(pk)
+        if old is not None:
+            # This worker lost the task (its lease ran out while it was starved) and has just
+            # claimed it again: the older attempt is fenced off; stop trusting it first.
+            self._lose(old, f"claimed again as attempt {attempt}")
         self.running[pk] = job
         self._idle.clear()
         self.claimed += 1
@@ -800,7 +805,8 @@ class Worker:
 
     def _release(self, job: _Job) -> None:
         job.finished = True
-        del self.running[job.id]
+        if self.running.get(job.id) is job:  # not a newer attempt of the same task (see _start)
+            del self.running[job.id]
         if job.timer is not None:
             job.timer.cancel()
         self._slot_free.set()

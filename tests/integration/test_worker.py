@@ -479,6 +479,45 @@ def test_cancel_notification_cancels_running_handler(dsn: str, conn: Conn, clien
     assert r["last_error"] == "task cancelled" and r["retried"] == 1
 
 
+def test_a_task_claimed_again_by_the_same_worker(dsn: str, conn: Conn, client: pgq.Client) -> None:
+    """A worker whose attempt lost the task and that claims it again (attempt 2) while attempt
+    1's handler still runs: attempt 1 is abandoned, attempt 2 is heartbeated and completes, and
+    attempt 1 finishing late disturbs nothing (it used to delete attempt 2's entry: KeyError,
+    no heartbeat, rescued again and again; found by R9 on a starved machine)."""
+    release = threading.Event()
+    started: list[int] = []
+    ended: list[int] = []
+
+    def slow(task: pgq.Task) -> None:
+        n = len(started) + 1
+        started.append(n)
+        if n == 1:
+            release.wait(20)  # attempt 1 blocks until attempt 2 is done
+        ended.append(n)
+
+    mux = pgq.ServeMux()
+    mux.handle("slow", slow)
+    server = pgq.Server(dsn, concurrency=2, lease_duration=1.2, recover_interval=60, poll_interval=0.05)
+    with serving(server, mux):
+        pk = client.enqueue(pgq.Task("slow")).id
+        wait_for(lambda: len(started) == 1)
+        # What the recoverer does once a lease has expired, done at once: back to pending.
+        conn.execute(
+            "UPDATE pgq.task SET state = 'pending', locked_by = NULL, lease_expires_at = NULL WHERE id = %s",
+            (int(pk),),
+        )
+        worker = server.worker
+        assert worker is not None
+        wait_for(lambda: len(started) == 2)  # claimed again by the same worker: attempt 2
+        wait_for(lambda: gone(conn, pk) or row(conn, pk)["state"] == "completed")
+        assert worker.lost == 1  # attempt 1, abandoned when attempt 2 came
+        release.set()
+        wait_for(lambda: ended == [2, 1])  # attempt 1 returns late: its outcome changes nothing
+        assert worker.running == {}
+        assert worker.succeeded == 1
+    assert gone(conn, pk) or row(conn, pk)["attempt"] == 2
+
+
 def test_server_row_heartbeat(dsn: str, conn: Conn) -> None:
     mux = pgq.ServeMux()
     with serving(pgq.Server(dsn, queues={"a": 2, "b": 1}, concurrency=3), mux) as server:
