@@ -37,12 +37,34 @@ def application_name(role: str) -> str:
     return f"pgq:{role}:{os.getpid()}"
 
 
+#: TCP settings of every pgq connection, unless the DSN (or the caller) sets them (RELIABILITY R12).
+#: A half-open socket (the database host gone, a partition dropping packets, no RST) otherwise
+#: leaves a statement waiting for as long as the kernel retransmits (about 15 minutes on Linux)
+#: and an idle connection (the listener's) for ever. With these, an idle dead connection is
+#: found after 15 + 3 x 5 s of unanswered keepalives, and a statement whose bytes stay
+#: unacknowledged fails after 30 s (Linux only; libpq ignores it elsewhere and on Unix sockets):
+#: the connection is then replaced. A long-running query is not affected (its bytes are
+#: acknowledged at once). The worker does not wait for this to stop trusting its leases: its
+#: heartbeat abandons tasks at their local deadline whatever the socket does (pgq/worker.py).
+TCP_DEFAULTS: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 15,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds; libpq >= 12
+}
+
+
 def conninfo(dsn: str, role: str, **extra: Any) -> str:
+    """The DSN with pgq's application_name, TCP_DEFAULTS for what it leaves unset, and `extra`."""
     try:
-        conninfo_to_dict(dsn)
+        given = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(f"invalid DSN: {exc}") from None
-    return make_conninfo(dsn, application_name=application_name(role), **extra)
+    tcp = {k: v for k, v in TCP_DEFAULTS.items() if k not in given and k not in extra}
+    if psycopg.pq.version() < 120000:
+        tcp.pop("tcp_user_timeout", None)
+    return make_conninfo(dsn, application_name=application_name(role), **tcp, **extra)
 
 
 def redact(dsn: str) -> str:

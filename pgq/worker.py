@@ -41,8 +41,10 @@ How a task travels through one worker process (one asyncio event loop):
 4. The heartbeat (every lease/3) extends the leases of the running tasks in
    one fenced statement and refreshes the pgq.server row. A task whose lease
    could not be extended, or whose local lease estimate ran out while the
-   database was unreachable, is abandoned locally: its handler is cancelled
-   and its outcome will not be written (the recoverer owns it now).
+   database was unreachable or silent (the heartbeat waits for its statement
+   no longer than the leases last: a half-open socket never answers), is
+   abandoned locally at that deadline: its handler is cancelled and its
+   outcome will not be written (the recoverer owns it now).
 
 When work can repeat (at-least-once): a worker that dies, stalls past its
 lease or loses its connection while running a task has that task run again
@@ -1021,10 +1023,9 @@ class Worker:
         if not owned:
             return
         sent = loop.time()
-        async with self.pool.connection() as conn:
-            kept = await tasks.extend_leases(
-                conn.cursor(row_factory=tuple_row), self.q, owned, lease=self.cfg.lease_duration
-            )
+        kept = await self._extend_within_leases(owned)
+        if kept is None:
+            return
         for pk, attempt in owned:
             still = self.running.get(pk)
             if still is None or still.attempt != attempt:
@@ -1033,6 +1034,44 @@ class Worker:
                 still.lease_until = sent + self.cfg.lease_duration
             else:
                 self._lose(still, "lease lost (the task was recovered or changed elsewhere)")
+
+    async def _extend(self, owned: list[tuple[int, int]]) -> set[int]:
+        async with self.pool.connection() as conn:
+            return await tasks.extend_leases(
+                conn.cursor(row_factory=tuple_row), self.q, owned, lease=self.cfg.lease_duration
+            )
+
+    async def _extend_within_leases(self, owned: list[tuple[int, int]]) -> set[int] | None:
+        """The ids whose leases the heartbeat extended, waiting no longer than the leases last.
+
+        A half-open socket (a partition, a dead peer, a stalled proxy) leaves the statement, or
+        the pool's wait for a connection, unanswered for as long as TCP allows (minutes without
+        tcp_user_timeout; for ever if the peer keeps the socket open). The local lease estimate
+        must not wait for it: each task whose lease runs out meanwhile is abandoned at its local
+        deadline (handler cancelled, outcome not written), which comes before the database's
+        (lease_until is taken before the extension is sent). Once no task is left to extend, the
+        statement is cancelled (psycopg closes a connection it cannot cancel within 10 s and the
+        pool replaces it). None then; database errors are raised as before (R12).
+        """
+        loop = self._loop
+        ext = loop.create_task(self._extend(owned))
+        try:
+            while True:
+                jobs = [j for pk, a in owned if (j := self.running.get(pk)) is not None and j.attempt == a]
+                if not jobs:
+                    return None
+                wait = min(j.lease_until for j in jobs) - loop.time()
+                done, _ = await asyncio.wait({ext}, timeout=max(0.0, wait))
+                if done:
+                    return ext.result()
+                now = loop.time()
+                for job in jobs:
+                    if job.lease_until <= now:
+                        self._lose(job, "lease expired: the database did not answer the heartbeat in time")
+        finally:
+            if not ext.done():
+                ext.cancel()
+                ext.add_done_callback(_consume)
 
     # ---------------------------------------------------------------- shutdown
 
@@ -1061,6 +1100,12 @@ class Worker:
 
     def stop_threads(self) -> None:
         self._threads.stop()
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned statement's outcome (no 'exception never retrieved' log)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _merge_results(batch: list[Ack]) -> list[Ack]:
