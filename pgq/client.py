@@ -763,6 +763,9 @@ class Client(_Queries):
     """Enqueues tasks. Thread-safe; share one per process.
 
     Client(dsn) owns a small connection pool; Client(pool=...) uses yours.
+    prepare=False: its pool never prepares statements (psycopg prepare_threshold=None), for
+    PgBouncer in transaction mode before 1.21 or without max_prepared_statements (see
+    docs/howto-pgbouncer.md and pgq/db.py).
     """
 
     def __init__(
@@ -772,6 +775,7 @@ class Client(_Queries):
         pool: psycopg_pool.ConnectionPool[Any] | None = None,
         schema: str = "pgq",
         notify_window: float = 0.002,
+        prepare: bool = True,
     ) -> None:
         self._schema = _sql.check_schema(schema)
         self._q = _sql.query("task_enqueue", schema)
@@ -787,7 +791,9 @@ class Client(_Queries):
         self._q_copied = _sql.query("task_enqueue_copied", schema)
         self._q_notify = _sql.query("task_notify", schema)
         self._own_pool = pool is None
-        self._pool = pool if pool is not None else db.pool(db.resolve_dsn(dsn), "client", max_size=8)
+        self._pool = (
+            pool if pool is not None else db.pool(db.resolve_dsn(dsn), "client", max_size=8, prepare=prepare)
+        )
         self._debounce = WakeDebouncer(notify_window)
         self._trailer = _TrailingNotifier(self._debounce, self._send_notify)
         self._closed = False
@@ -941,7 +947,8 @@ class Client(_Queries):
 
 
 class AsyncClient(_Queries):
-    """The asyncio twin of Client: the same methods, awaitable; conn= takes an AsyncConnection."""
+    """The asyncio twin of Client: the same methods (and prepare=), awaitable; conn= takes an
+    AsyncConnection."""
 
     def __init__(
         self,
@@ -950,6 +957,7 @@ class AsyncClient(_Queries):
         pool: psycopg_pool.AsyncConnectionPool[Any] | None = None,
         schema: str = "pgq",
         notify_window: float = 0.002,
+        prepare: bool = True,
     ) -> None:
         self._schema = _sql.check_schema(schema)
         self._q = _sql.query("task_enqueue", schema)
@@ -965,6 +973,7 @@ class AsyncClient(_Queries):
         self._q_copied = _sql.query("task_enqueue_copied", schema)
         self._q_notify = _sql.query("task_notify", schema)
         self._dsn = None if pool is not None else db.resolve_dsn(dsn)
+        self._prepare = prepare
         self._pool = pool
         self._own_pool = pool is None
         self._debounce = WakeDebouncer(notify_window)
@@ -974,7 +983,7 @@ class AsyncClient(_Queries):
     async def _get_pool(self) -> psycopg_pool.AsyncConnectionPool[Any]:
         if self._pool is None:
             assert self._dsn is not None
-            self._pool = await db.pool_async(self._dsn, "client", max_size=8)
+            self._pool = await db.pool_async(self._dsn, "client", max_size=8, prepare=self._prepare)
         return self._pool
 
     async def _checkout(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:

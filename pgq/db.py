@@ -4,6 +4,17 @@ Every connection pgq opens sets application_name to `pgq:<role>:<pid>` so that
 operators (and the fault tests) can tell workers, listeners and leaders apart in
 pg_stat_activity. Settings such as statement_timeout are set only on pgq's own
 connections, never on a caller's.
+
+Prepared statements and transaction poolers (R13): psycopg prepares a statement
+on the server once it ran `prepare_threshold` times on a connection. Through a
+transaction pooler (PgBouncer pool_mode=transaction before 1.21, or without
+max_prepared_statements) the next transaction may run on another server
+connection, where that name is missing or, worse, names ANOTHER client's
+statement (seen with PgBouncer 1.18: "bind message supplies 5 parameters, but
+prepared statement "_pg3_0" requires 3"). So the single connections of
+`connect()` never prepare (they run a statement every few seconds at most), and
+the pools prepare unless `prepare=False` (Client(prepare=False); the Server turns
+it off itself when `transaction_pooled()` says so).
 """
 
 from __future__ import annotations
@@ -79,23 +90,38 @@ def redact(dsn: str) -> str:
 
 
 def connect(dsn: str, role: str, *, autocommit: bool = True, **extra: Any) -> psycopg.Connection[Any]:
-    return psycopg.connect(conninfo(dsn, role, **extra), autocommit=autocommit, row_factory=dict_row)
+    """One connection of pgq's own; it never prepares statements (see the module docstring)."""
+    return psycopg.connect(
+        conninfo(dsn, role, **extra), autocommit=autocommit, row_factory=dict_row, prepare_threshold=None
+    )
 
 
 async def connect_async(
     dsn: str, role: str, *, autocommit: bool = True, **extra: Any
 ) -> psycopg.AsyncConnection[Any]:
+    """The asyncio twin of connect(); it never prepares statements either."""
     return await psycopg.AsyncConnection.connect(
-        conninfo(dsn, role, **extra), autocommit=autocommit, row_factory=dict_row
+        conninfo(dsn, role, **extra), autocommit=autocommit, row_factory=dict_row, prepare_threshold=None
     )
 
 
-def pool(dsn: str, role: str, *, min_size: int = 1, max_size: int = 4) -> psycopg_pool.ConnectionPool[Any]:
+def pool_kwargs(*, prepare: bool = True) -> dict[str, Any]:
+    """The connection kwargs of pgq's pools: autocommit, dict rows, and prepare_threshold=None
+    (psycopg never prepares) when `prepare` is false."""
+    kw: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
+    if not prepare:
+        kw["prepare_threshold"] = None
+    return kw
+
+
+def pool(
+    dsn: str, role: str, *, min_size: int = 1, max_size: int = 4, prepare: bool = True
+) -> psycopg_pool.ConnectionPool[Any]:
     p: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
         conninfo(dsn, role),
         min_size=min_size,
         max_size=max_size,
-        kwargs={"autocommit": True, "row_factory": dict_row},
+        kwargs=pool_kwargs(prepare=prepare),
         open=False,
         name=f"pgq-{role}",
     )
@@ -104,15 +130,48 @@ def pool(dsn: str, role: str, *, min_size: int = 1, max_size: int = 4) -> psycop
 
 
 async def pool_async(
-    dsn: str, role: str, *, min_size: int = 1, max_size: int = 4
+    dsn: str, role: str, *, min_size: int = 1, max_size: int = 4, prepare: bool = True
 ) -> psycopg_pool.AsyncConnectionPool[Any]:
     p: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
         conninfo(dsn, role),
         min_size=min_size,
         max_size=max_size,
-        kwargs={"autocommit": True, "row_factory": dict_row},
+        kwargs=pool_kwargs(prepare=prepare),
         open=False,
         name=f"pgq-{role}",
     )
     await p.open(wait=False)
     return p
+
+
+async def transaction_pooled(dsn: str) -> bool:
+    """True when `dsn` leads to a transaction (or statement) pooler such as PgBouncer with
+    pool_mode=transaction: its client connections do not own a server session.
+
+    Two client connections A and B each run `SELECT pg_backend_pid()` (A, then B, then A
+    again, one autocommit transaction each). Directly or through a session pooler every
+    client connection keeps its own backend, so A's pid is stable and B's differs. Through
+    a transaction pooler A's backend goes back to the pool after each transaction: B gets
+    that same backend (PgBouncer reuses the most recently released server connection), or
+    A's next transaction lands elsewhere. Either proves pooling; no false positive is
+    possible (two live sessions never share a pid). A busy pooler could in principle give
+    a false negative. Measured with PgBouncer 1.18: transaction mode gives A = B on a quiet
+    pooler, session mode and direct never do.
+    """
+
+    async def pid(c: psycopg.AsyncConnection[Any]) -> Any:
+        row = await (await c.execute("SELECT pg_backend_pid() AS pid")).fetchone()
+        return row["pid"] if row else None
+
+    a = await connect_async(dsn, "probe")
+    try:
+        b = await connect_async(dsn, "probe")
+        try:
+            pa = await pid(a)
+            pb = await pid(b)
+            pa2 = await pid(a)
+        finally:
+            await b.close()
+    finally:
+        await a.close()
+    return bool(pa == pb or pa != pa2)

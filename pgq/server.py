@@ -8,7 +8,9 @@ One Server is one asyncio event loop with: the claimer and the flusher (each
 holding a pooled connection), the heartbeat, the recoverer, the cleaner, the
 aggregator when a queue aggregates, and the listener on a dedicated
 connection outside the pool (none with poll_only=True, for PgBouncer in
-transaction mode, where LISTEN does not work).
+transaction mode, where LISTEN does not work). At start the Server checks
+whether its DSN leads to a transaction pooler and refuses what cannot work
+through one (see Server._check_pooler).
 
 Handlers: `async def` handlers run on the event loop and are cancelled at
 their deadline (timeout or deadline; 30 minutes when neither is set). Plain
@@ -158,6 +160,8 @@ class Server:
         self.worker_id = ""
         self.worker: Worker | None = None
         self.listener: Listener | None = None
+        #: Set at start: whether the DSN leads to a transaction pooler (see _check_pooler).
+        self.transaction_pooled: bool | None = None
         self.aggregator: Any = None
         self.recoverer: Recoverer | None = None
         self.cleaner: Cleaner | None = None
@@ -257,6 +261,7 @@ class Server:
         self._abort = False
         dsn = db.resolve_dsn(self._dsn)
         self.worker_id = wid = new_worker_id()
+        prepare = not await self._check_pooler(dsn)
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
@@ -264,7 +269,7 @@ class Server:
             db.conninfo(dsn, "worker"),
             min_size=2,
             max_size=6,
-            kwargs={"autocommit": True, "prepare_threshold": 2},
+            kwargs={"autocommit": True, "prepare_threshold": 2 if prepare else None},
             configure=configure_connection,
             open=False,
             name="pgq-worker",
@@ -398,6 +403,42 @@ class Server:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
             self._ready.set()
+
+    async def _check_pooler(self, dsn: str) -> bool:
+        """Refuse what cannot work through a transaction pooler; True when `dsn` leads to one.
+
+        R13: through PgBouncer in pool_mode=transaction a client connection owns no server
+        session. LISTEN then registers on a server connection the listener no longer holds
+        (a NOTIFY from another session never reaches it; measured with PgBouncer 1.18), and
+        the aggregation leader's session advisory lock stays on whichever server connection
+        took it. So a Server without poll_only, or with a group_aggregator, refuses to start
+        (ConfigError). A poll_only Server runs, with prepared statements turned off (see
+        pgq/db.py). A listener self-NOTIFY is no test of this: on a quiet pooler LISTEN and
+        NOTIFY share one server connection and the probe comes back.
+        """
+        pooled = self.transaction_pooled = await db.transaction_pooled(dsn)
+        if not pooled:
+            return False
+        where = db.redact(dsn)
+        if not self.poll_only:
+            raise ConfigError(
+                f"pgq.Server: {where} leads to a transaction pooler (e.g. PgBouncer pool_mode=transaction): "
+                "LISTEN cannot deliver wake-ups through it. Pass poll_only=True, "
+                "or give the server a direct (or session-mode) DSN"
+            )
+        if self.group_policies:
+            raise ConfigError(
+                f"pgq.Server: {where} leads to a transaction pooler (e.g. PgBouncer pool_mode=transaction): "
+                "aggregation leadership needs a session advisory lock, which a transaction pooler does "
+                "not keep. Run the servers with a group_aggregator on a direct (or session-mode) DSN"
+            )
+        logger.info(
+            "pgq server: %s is a transaction pooler; polling every %ss, no prepared statements",
+            where,
+            self.poll_interval,
+            extra={"action": "transaction_pooler"},
+        )
+        return True
 
     async def _wait_abortable(self, aw: Any) -> None:
         t = asyncio.ensure_future(aw)
