@@ -46,6 +46,7 @@ import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict
 
 from pgq import _sql, db
+from pgq._outage import OUTAGE, is_database_error
 from pgq.config import DEFAULT_GRACE_PERIOD, GroupPolicy, ResolvedPolicy, resolve_group_policies
 from pgq.errors import ConfigError, InvalidArgumentError, InvalidName
 from pgq.listener import Listener, cancel_channel
@@ -507,10 +508,14 @@ class Server:
             try:
                 await worker.beat()
                 await self._heartbeat_once(pool, "stopping" if worker._stopping else "active")
+                OUTAGE.ok("heartbeat")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_error"})
+                if is_database_error(exc):
+                    OUTAGE.failed("heartbeat", exc)
+                else:
+                    logger.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_error"})
                 # Leases that ran out locally are abandoned by the next beat() in any case.
                 with contextlib.suppress(Exception):
                     now = asyncio.get_running_loop().time()

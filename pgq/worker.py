@@ -86,6 +86,7 @@ from psycopg.rows import tuple_row
 from psycopg.types.json import set_json_loads
 
 from pgq import _failpoints, tasks
+from pgq._outage import DATABASE_ERRORS, OUTAGE, is_database_error
 from pgq.errors import LeaseLost, SkipRetry
 from pgq.mux import Handler
 from pgq.task import ResultWriter, Task, encode_payload
@@ -605,15 +606,11 @@ class Worker:
                         await asyncio.sleep(0)  # let the tasks just started begin first
                     wait = await tasks.next_due(cur, self.q, queues=self._queue_names)
                     backoff = 0.05
+                    OUTAGE.ok("claimer")
                 except Exception as exc:
                     # Never let the claimer die: a dead claimer leaves a live process that claims nothing.
-                    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-                        logger.warning(
-                            "claimer: database error (%s); retrying in %.2fs",
-                            exc,
-                            backoff,
-                            extra={"action": "claim_error"},
-                        )
+                    if is_database_error(exc):
+                        OUTAGE.failed("claimer", exc, backoff)
                     elif isinstance(exc, psycopg.Error):
                         logger.error(
                             "claimer: %s; retrying in %.2fs", exc, backoff, extra={"action": "claim_error"}
@@ -936,14 +933,11 @@ class Worker:
             try:
                 if conn is None:
                     conn = await self.pool.getconn()
-                return await tasks.ack_many(conn.cursor(row_factory=tuple_row), self.q, batch), conn
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                logger.warning(
-                    "flusher: database error (%s); retrying in %.2fs",
-                    exc,
-                    backoff,
-                    extra={"action": "ack_error"},
-                )
+                applied = await tasks.ack_many(conn.cursor(row_factory=tuple_row), self.q, batch)
+                OUTAGE.ok("flusher")
+                return applied, conn
+            except DATABASE_ERRORS as exc:
+                OUTAGE.failed("flusher", exc, backoff)
                 await self._drop(conn)
                 conn = None
                 await asyncio.sleep(backoff)

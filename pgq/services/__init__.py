@@ -15,6 +15,8 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pgq._outage import OUTAGE, is_database_error
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,8 +40,12 @@ async def periodic(
     while not stop.is_set():
         try:
             await run_once()
+            OUTAGE.ok(name)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            logger.warning("%s: %s", name, exc, extra={"action": f"{name}_error"})
+            if is_database_error(exc):
+                OUTAGE.failed(name, exc)
+            else:
+                logger.warning("%s: %s", name, exc, extra={"action": f"{name}_error"})
         await pause(interval * (1 + jitter * (2 * random.random() - 1)))

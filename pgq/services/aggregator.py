@@ -130,6 +130,7 @@ import psycopg_pool
 from psycopg.rows import dict_row
 
 from pgq import _failpoints, _sql, db
+from pgq._outage import OUTAGE, is_database_error
 from pgq.client import build_params
 from pgq.config import ResolvedPolicy
 from pgq.errors import DuplicateTaskError, TaskIDConflictError
@@ -513,14 +514,18 @@ class Aggregator:
                         # retry soon, so that a leader never sits out long while it leads.
                         failures += 1
                         delay = min(ROUND_RETRY_MAX, 0.05 * 2**failures)
-                        logger.warning(
-                            "aggregator: round failed (%s); retrying in %.2f s",
-                            _describe(exc),
-                            delay,
-                            extra={"action": "aggregator_round_failed"},
-                        )
+                        if is_database_error(exc):
+                            OUTAGE.failed("aggregator", exc, delay)
+                        else:
+                            logger.warning(
+                                "aggregator: round failed (%s); retrying in %.2f s",
+                                _describe(exc),
+                                delay,
+                                extra={"action": "aggregator_round_failed"},
+                            )
                     else:
                         failures = 0
+                        OUTAGE.ok("aggregator")
                         if res.more:
                             continue
                         progress = res.tasks or res.failed

@@ -113,6 +113,7 @@ def test_r14_timeouts_and_table_lock(fdb: str, admin_dsn: str, workers: Any, cha
     episodes, hold = size(1, 3), size(4.0, 10.0)
     recovery: list[float] = []
     log_lines: list[int] = []
+    lease_lost_lines = 0
     try:
         for _ in range(episodes):
             time.sleep(1.0)
@@ -128,7 +129,11 @@ def test_r14_timeouts_and_table_lock(fdb: str, admin_dsn: str, workers: Any, cha
             chaos.record("unlock_table")
             resumed = functools.partial(resumed_after, fdb, t_release)
             recovery.append(wait_for(resumed, 20, "work to resume after the lock").total_seconds())
-            log_lines.append(sum(p.log().count("\n") for p in procs) - sum(before))
+            # Per worker, what it logged about the episode; a task's own lease-lost line (the lock
+            # outlasting the lease) is news about that task, counted apart.
+            episode = [p.log().split("\n")[b:] for p, b in zip(procs, before, strict=True)]
+            log_lines.append(max(sum(1 for x in e if x and "lease lost" not in x) for e in episode))
+            lease_lost_lines += sum(1 for e in episode for x in e if "lease lost" in x)
         wait_for(lambda: lost(fdb, ids) == 0, size(60, 900), "every task completed", interval=0.25)
     finally:
         stop.set()
@@ -143,7 +148,8 @@ def test_r14_timeouts_and_table_lock(fdb: str, admin_dsn: str, workers: Any, cha
         lock_hold_s=hold,
         recovery_max_s=round(max(recovery), 3),
         max_idle_in_tx_s=round(max(samples, default=0.0), 3),
-        log_lines_per_episode=max(log_lines),
+        log_lines_per_episode=max(log_lines),  # the most one worker logged about one episode
+        lease_lost_lines=lease_lost_lines,
         listener_reconnects=logs.count("listener: connection lost"),
         leader_lost=logs.count("lost the leader connection"),
         tracebacks=logs.count("Traceback"),
@@ -155,7 +161,8 @@ def test_r14_timeouts_and_table_lock(fdb: str, admin_dsn: str, workers: Any, cha
     # a lock held longer than the lease stops the heartbeat: tasks in flight may run again
     assert line["dup"] <= (0 if hold < 10 else episodes * 2 * 4)  # in flight: 2 workers x 4 slots
     assert line["listener_reconnects"] == 0 and line["leader_lost"] == 0
-    assert line["log_lines_per_episode"] <= 40  # the plan's target is 5: see docs/reliability.md
+    # Database errors are logged as an episode (pgq/_outage.py): a WARNING and an INFO per worker.
+    assert line["log_lines_per_episode"] <= 2
 
 
 POISON = [
