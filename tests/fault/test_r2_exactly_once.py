@@ -4,8 +4,8 @@ Each task's handler (tests/fault/app.py: `effect`, `effect_async`) inserts an
 effect row and calls task.complete(conn) / complete_async(conn) in one
 transaction, then commits. The effects table has no unique constraint, so a
 duplicate effect shows. Workers are SIGKILLed on R1's schedule and, through the
-failpoint `complete.before_commit=kill:0.05`, on 5 % of completions between the
-completion statement and the commit; a supervisor loop restarts every dead
+failpoint `complete.before_commit` (kill), on 5 % of completions and on the 20th of
+each worker's life, between the completion statement and the commit; a supervisor loop restarts every dead
 worker. Executions may repeat (a crash before the commit), effects may not.
 """
 
@@ -22,7 +22,10 @@ from tests.fault.chaos import Chaos, WorkerProc, ledger, lost, report, size, wai
 
 pytestmark = pytest.mark.fault
 
-FAILPOINT = "complete.before_commit=kill:0.05"
+# 5 % of completions, and for certain the 20th of each worker process's life: the run always
+# has crashes between the completion statement and the commit (kill:0.05 alone has none in
+# 150 completions about 5 times in 10,000).
+FAILPOINT = "complete.before_commit@20=kill,complete.before_commit=kill:0.05"
 ENV = {
     "FAULT_LEASE": "1",
     "FAULT_RECOVER": "0.2",
@@ -147,6 +150,7 @@ def test_r2_exactly_once_effects_under_kills(fdb: str, workers: Any, chaos: Chao
     assert line["effects_of_another_attempt"] == 0
     assert line["orphan_effects"] == 0
     assert unexpected == 0, [w.log()[-2000:] for w in procs]
-    # the fault happened: completions were cut between the ack and the commit, and re-run
-    assert failpoint > 0 and scheduled == kills
+    # the fault happened: completions were cut between the ack and the commit, and re-run; and
+    # R1's schedule killed workers (it may not finish its kills before the work does)
+    assert failpoint > 0 and scheduled >= 1
     assert led["dup"] > 0
