@@ -83,7 +83,7 @@ def effects(c: psycopg.Connection[Any]) -> dict[str, int]:
 
 
 def test_r2_exactly_once_effects_under_kills(fdb: str, workers: Any, chaos: Chaos) -> None:
-    n_tasks = size(150, 100_000)
+    n_tasks = size(100, 100_000)
     n_workers = size(2, 4)
     kills = size(3, 20)
     gap = size((0.4, 0.9), (1.0, 3.0))
