@@ -507,12 +507,17 @@ class Server:
                 return
             try:
                 await worker.beat()
-                await self._heartbeat_once(pool, "stopping" if worker._stopping else "active")
+                # The server row's write gets no longer than one interval: unbounded, a blocked or
+                # unanswered write (a lock on pgq.server, a half-open socket) would hold up the
+                # next beat(), which is what abandons tasks at their local lease deadline (R12).
+                await asyncio.wait_for(
+                    self._heartbeat_once(pool, "stopping" if worker._stopping else "active"), interval
+                )
                 OUTAGE.ok("heartbeat")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if is_database_error(exc):
+                if is_database_error(exc) or isinstance(exc, TimeoutError):
                     OUTAGE.failed("heartbeat", exc)
                 else:
                     logger.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_error"})

@@ -74,3 +74,45 @@ def test_an_unanswered_heartbeat_abandons_the_task_at_its_local_deadline(
         server.shutdown()
     row = conn.execute("SELECT state, attempt FROM pgq.task WHERE id = %s", (pk,)).fetchone()
     assert row == {"state": "active", "attempt": 1}  # left to the recoverer: nothing written
+
+
+def test_a_blocked_server_row_write_does_not_hold_up_the_leases(
+    dsn: str, conn: Conn, client: pgq.Client
+) -> None:
+    """The heartbeat writes the server row after extending the leases. While that write is blocked
+    (here behind a lock on pgq.server), the next heartbeats still extend the running task's lease:
+    the row write waits at most one interval, so it cannot hold up the beat that keeps (or, when
+    the database stops answering, abandons) the tasks."""
+    started, release = threading.Event(), threading.Event()
+    mux = pgq.ServeMux()
+
+    @mux.handle("t")
+    def h(task: pgq.Task) -> None:
+        started.set()
+        release.wait(30)
+
+    lease = 1.5
+    pk = int(client.enqueue(pgq.Task("t")).id)
+    server = pgq.Server(dsn, lease_duration=lease, recover_interval=60)
+    server.start(mux)
+
+    def lease_expires_at() -> Any:
+        row = conn.execute("SELECT lease_expires_at FROM pgq.task WHERE id = %s", (pk,)).fetchone()
+        assert row is not None
+        return row["lease_expires_at"]
+
+    try:
+        assert started.wait(5)
+        with psycopg.connect(dsn) as locker:  # a transaction holding every server row
+            locker.execute("SELECT 1 FROM pgq.server FOR UPDATE")
+            first = lease_expires_at()
+            # three intervals (lease/3 each) later the lease must have been extended again, twice
+            seen = [first]
+            wait_for(lambda: seen.append(lease_expires_at()) or len(set(seen)) >= 3, 3 * lease)
+            worker = server.worker
+            assert worker is not None and worker.lost == 0 and pk in worker.running
+        release.set()
+        wait_for(lambda: worker.succeeded == 1, 10)
+    finally:
+        release.set()
+        server.shutdown()
