@@ -523,10 +523,7 @@ class Server:
                     logger.warning("heartbeat failed: %s", exc, extra={"action": "heartbeat_error"})
                 # Leases that ran out locally are abandoned by the next beat() in any case.
                 with contextlib.suppress(Exception):
-                    now = asyncio.get_running_loop().time()
-                    for job in list(worker.running.values()):
-                        if job.lease_until < now:
-                            worker._lose(job, "lease expired while the database was unreachable")
+                    worker.abandon_expired("lease expired while the database was unreachable")
 
     def __repr__(self) -> str:
         return f"<pgq.Server queues={self.queues} concurrency={self.concurrency}>"

@@ -1004,14 +1004,20 @@ class Worker:
 
     # ---------------------------------------------------------------- heartbeat
 
+    def abandon_expired(self, why: str) -> None:
+        """Abandon every running task whose local lease estimate has run out (see _lose)."""
+        now = self._loop.time()
+        for job in list(self.running.values()):
+            if job.lease_until <= now:
+                self._lose(job, why)
+
     async def beat(self) -> None:
         """Extend the leases of the running tasks; abandon those lost; sweep far deadlines."""
         loop = self._loop
+        self.abandon_expired("lease expired before it could be extended")
         now = loop.time()
-        for job in list(self.running.values()):
-            if job.lease_until < now:
-                self._lose(job, "lease expired before it could be extended")
-            elif job.timer is None and job.deadline_at - now <= NEAR_DEADLINE:
+        for job in self.running.values():
+            if job.timer is None and job.deadline_at - now <= NEAR_DEADLINE:
                 job.timer = loop.call_later(max(0.0, job.deadline_at - now), self._on_deadline, job)
         owned = [(j.id, j.attempt) for j in self.running.values()]
         if not owned:
@@ -1058,10 +1064,7 @@ class Worker:
                 done, _ = await asyncio.wait({ext}, timeout=max(0.0, wait))
                 if done:
                     return ext.result()
-                now = loop.time()
-                for job in jobs:
-                    if job.lease_until <= now:
-                        self._lose(job, "lease expired: the database did not answer the heartbeat in time")
+                self.abandon_expired("lease expired: the database did not answer the heartbeat in time")
         finally:
             if not ext.done():
                 ext.cancel()
