@@ -31,13 +31,17 @@ _LOG = (
 )
 
 
-def _ledger_conn() -> psycopg.Connection[Any]:
-    c = getattr(_local, "conn", None)
+def _thread_conn(attr: str, application_name: str) -> psycopg.Connection[Any]:
+    """This thread's autocommit connection kept in `_local.<attr>` (a new one when it broke)."""
+    c = getattr(_local, attr, None)
     if c is None or c.closed or c.broken:
-        c = _local.conn = psycopg.connect(
-            DSN or "", autocommit=True, application_name="chaos:ledger", connect_timeout=5
-        )
+        c = psycopg.connect(DSN or "", autocommit=True, application_name=application_name, connect_timeout=5)
+        setattr(_local, attr, c)
     return c
+
+
+def _ledger_conn() -> psycopg.Connection[Any]:
+    return _thread_conn("conn", "chaos:ledger")
 
 
 def log_execution(task: pgq.Task) -> None:
@@ -102,12 +106,7 @@ _EFFECT = (
 
 
 def _effect_conn() -> psycopg.Connection[Any]:
-    c = getattr(_local, "effect_conn", None)
-    if c is None or c.closed or c.broken:
-        c = _local.effect_conn = psycopg.connect(
-            DSN or "", autocommit=True, application_name="chaos:effect", connect_timeout=5
-        )
-    return c
+    return _thread_conn("effect_conn", "chaos:effect")
 
 
 def effect(task: pgq.Task) -> None:

@@ -186,6 +186,15 @@ class Chaos:
         return held
 
 
+def db_now(dsn: str) -> datetime:
+    """The database clock now (clock_timestamp(), not the transaction's start)."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        row = c.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    now: datetime = row[0]
+    return now
+
+
 def ledger(dsn: str) -> dict[str, Any]:
     """Executions and duplicates from chaos.exec_log, per task type."""
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as c:

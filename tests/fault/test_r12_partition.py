@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import re
 import time
-from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -30,7 +29,7 @@ from psycopg.rows import dict_row
 import pgq
 from pgq import tasks
 from pgq.tasks import DONE, Ack
-from tests.fault.chaos import Chaos, duplicated_ids, ledger, lost, report, size
+from tests.fault.chaos import Chaos, db_now, duplicated_ids, ledger, lost, report, size
 from tests.fault.proxy import Proxy
 from tests.fixtures.util import wait_for
 
@@ -46,14 +45,6 @@ OUTAGE = size(2 * LEASE, 45.0)
 TASK_MS = 800
 SLOW = WORK = 2
 ABANDON = re.compile(r"task \S+: .*; abandoning it")
-
-
-def _db_now(dsn: str) -> datetime:
-    with psycopg.connect(dsn, autocommit=True) as c:
-        row = c.execute("SELECT clock_timestamp()").fetchone()
-    assert row is not None
-    now: datetime = row[0]
-    return now
 
 
 def _rows(dsn: str, ids: list[int]) -> dict[int, dict[str, Any]]:
@@ -105,7 +96,7 @@ def test_r12_partition(mode: str, fdb: str, workers: Any, chaos: Chaos, proxy: P
     time.sleep(max(0.0, OUTAGE - (time.monotonic() - t_part)))
 
     proxy.set_mode("pass")
-    t_heal = _db_now(fdb)
+    t_heal = db_now(fdb)
     chaos.record("heal", mode=mode, worker=w1.n)
     with pgq.Client(fdb) as client:
         probe = int(client.enqueue(pgq.Task("work", {}), queue="probe", retention=3600).id)

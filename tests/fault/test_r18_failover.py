@@ -26,7 +26,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,17 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 
 import pgq
-from tests.fault.chaos import Chaos, WorkerProc, backends, lost, report, resumed_after, size, wait_ready
+from tests.fault.chaos import (
+    Chaos,
+    WorkerProc,
+    backends,
+    db_now,
+    lost,
+    report,
+    resumed_after,
+    size,
+    wait_ready,
+)
 from tests.fault.replica import Pair, replica_pair
 from tests.fixtures.util import wait_for
 
@@ -57,14 +66,6 @@ Pairs = set[tuple[int, str]]
 def pair(request: pytest.FixtureRequest, golden: Path) -> Iterator[Pair]:
     with replica_pair(synchronous=request.param == "sync", golden=golden) as p:
         yield p
-
-
-def _db_now(dsn: str) -> datetime:
-    with psycopg.connect(dsn, autocommit=True) as c:
-        row = c.execute("SELECT clock_timestamp()").fetchone()
-    assert row is not None
-    now: datetime = row[0]
-    return now
 
 
 def _count(dsn: str, sql: str, *params: Any) -> int:
@@ -155,7 +156,7 @@ def test_r18_failover_to_replica(pair: Pair, tmp_path: Path) -> None:
                 chaos.record("primary_stop_immediate")
                 promote_s = pair.replica.promote()
                 t_promote = time.monotonic()
-                promoted_at = _db_now(new_dsn)
+                promoted_at = db_now(new_dsn)
                 chaos.record("promote", seconds=round(promote_s, 3))
                 # Right after the promote, before any worker could re-run a task: what survived.
                 survived = _keyed(new_dsn)
