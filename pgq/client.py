@@ -355,22 +355,42 @@ def _map_error(exc: psycopg.errors.UniqueViolation, params: dict[str, Any]) -> E
     return exc
 
 
+#: How long a trailing NOTIFY may lag the last enqueue of a stream (see WakeDebouncer).
+STREAM_TRAIL = 0.02
+
+
 class WakeDebouncer:
     """Decides which queues an enqueue on pgq's own connection should NOTIFY.
 
     A queue notified less than `window` seconds ago is not notified again; it is
     marked for a trailing NOTIFY instead. An enqueue that comes after the window
     notifies (and so covers the skipped ones); `take_due()` hands out the trailing
-    NOTIFY only when no enqueue has done so one window after it became due. So a
-    steady stream costs one NOTIFY per window, carried by an enqueue's own
-    statement, and no extra transaction; a burst that stops is followed by one
-    trailing NOTIFY within two windows. With window=0 every enqueue notifies.
+    NOTIFY when no enqueue has done so by the time it is due. So a steady stream
+    costs one NOTIFY per window, carried by an enqueue's own statement, and no
+    extra transaction. With window=0 every enqueue notifies.
+
+    When the trailing NOTIFY is due: two windows after the last NOTIFY, so a burst
+    that stops is followed by one within two windows (4 ms by default). But once a
+    queue is *streaming* (an enqueue notified while a skipped one still waited for
+    its trailing NOTIFY: the enqueues go on past a window), a skipped enqueue puts
+    its queue's trailing NOTIFY `trail` (STREAM_TRAIL, at least two windows) after
+    itself. Whoever sends the trailing NOTIFY (the Client's thread, the
+    AsyncClient's task) wakes when one may be due, and during a stream every
+    inline NOTIFY pushes that moment on: with two windows it woke every ~2 ms to
+    find nothing due, and those wake-ups cost a one-task enqueue 40-90 us of its
+    ~1 ms on a 2-core machine (benchmarks/enqueue.py). With `trail` it wakes at
+    most about once per `trail - window` (~50/s). The price: when a stream stops,
+    its last tasks wait up to `trail` for their wake-up, if no busy worker finds
+    them first. A queue stops streaming when its trailing NOTIFY is sent or an
+    enqueue notifies with none pending.
     """
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, trail: float = STREAM_TRAIL) -> None:
         self.window = window
+        self.trail = max(2 * window, trail)
         self._last: dict[str, float] = {}
         self._trailing: dict[str, float] = {}  # queue -> when the trailing NOTIFY is to be sent
+        self._streaming: set[str] = set()
         self._lock = threading.Lock()
 
     def choose(self, queues: Iterable[str]) -> tuple[list[str], float | None]:
@@ -384,10 +404,13 @@ class WakeDebouncer:
                 last = self._last.get(q)
                 if last is None or now - last >= self.window:
                     self._last[q] = now
-                    self._trailing.pop(q, None)
+                    if self._trailing.pop(q, None) is None:
+                        self._streaming.discard(q)
+                    else:
+                        self._streaming.add(q)
                     notify.append(q)
                 else:
-                    at = last + 2 * self.window
+                    at = now + self.trail if q in self._streaming else last + 2 * self.window
                     self._trailing[q] = at
                     delay = at - now if delay is None else min(delay, at - now)
         return notify, delay
@@ -400,6 +423,7 @@ class WakeDebouncer:
             for q, at in list(self._trailing.items()):
                 if at <= now:
                     del self._trailing[q]
+                    self._streaming.discard(q)
                     self._last[q] = now
                     due.append(q)
                 else:
@@ -411,6 +435,7 @@ class WakeDebouncer:
         with self._lock:
             queues = list(self._trailing)
             self._trailing.clear()
+            self._streaming.clear()
         return queues
 
 

@@ -16,7 +16,7 @@ import pytest
 from psycopg.rows import dict_row
 
 import pgq
-from pgq.client import WakeDebouncer
+from pgq.client import STREAM_TRAIL, WakeDebouncer
 
 
 @pytest.fixture
@@ -423,28 +423,39 @@ def test_wake_debouncer(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = FakeClock()
     monkeypatch.setattr("pgq.client.time.monotonic", clock)
     d = WakeDebouncer(0.002)
+    assert d.trail == STREAM_TRAIL
     notify, delay = d.choose(["a", "a", "b"])
     assert sorted(notify) == ["a", "b"] and delay is None
     clock.t += 0.001
-    notify, delay = d.choose(["a"])  # skipped: a trailing NOTIFY is kept for two windows after the last
+    notify, delay = d.choose(["a"])  # skipped: a trailing NOTIFY two windows after the last one
     assert notify == [] and delay == pytest.approx(0.003)
     due, nxt = d.take_due()
     assert due == [] and nxt == pytest.approx(0.003)
     clock.t += 0.0015
-    # an enqueue after the window notifies itself and covers the skipped one
+    # an enqueue after the window notifies itself and covers the skipped one; the
+    # queue is now streaming
     assert d.choose(["a"]) == (["a"], None)
     assert d.take_due() == ([], None)
     clock.t += 0.001
-    assert d.choose(["a"])[0] == []  # skipped again
-    clock.t += 0.003
+    notify, delay = d.choose(["a"])  # skipped while streaming: its trailing NOTIFY waits `trail`
+    assert notify == [] and delay == pytest.approx(STREAM_TRAIL)
+    clock.t += 0.004
+    assert d.take_due() == ([], pytest.approx(STREAM_TRAIL - 0.004))  # two windows: not yet
+    clock.t += STREAM_TRAIL - 0.004
     assert d.take_due() == (["a"], None)  # no enqueue came: the trailing NOTIFY follows the skipped one
     assert d.take_due() == ([], None)
     clock.t += 0.0005
-    assert d.choose(["a"])[0] == []  # the trailing NOTIFY counts as the last one
+    # the trailing NOTIFY counts as the last one, and ended the stream: two windows again
+    assert d.choose(["a"]) == ([], pytest.approx(0.0035))
     assert d.drain() == ["a"] and d.drain() == []
     clock.t += 1
     assert d.choose(["a"]) == (["a"], None)
+    clock.t += 0.0025
+    assert d.choose(["a"]) == (["a"], None)  # notified with none pending: not streaming
+    clock.t += 0.001
+    assert d.choose(["a"]) == ([], pytest.approx(0.003))
     assert WakeDebouncer(0).choose(["b", "a", "a"]) == (["a", "b"], None)
+    assert WakeDebouncer(0.5).trail == 1.0  # never under two windows
 
 
 # --- enqueue_many ------------------------------------------------------------------------------
