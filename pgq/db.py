@@ -15,19 +15,24 @@ prepared statement "_pg3_0" requires 3"). So the single connections of
 `connect()` never prepare (they run a statement every few seconds at most), and
 the pools prepare unless `prepare=False` (Client(prepare=False); the Server turns
 it off itself when `transaction_pooled()` says so).
+
+psycopg_pool is imported by the pool functions only: the `pgq` commands that open one
+connection (`pgq stats`, ...) do not load it.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
-import psycopg_pool
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
 from pgq.errors import ConfigError
+
+if TYPE_CHECKING:
+    import psycopg_pool
 
 
 def resolve_dsn(dsn: str | None) -> str:
@@ -117,6 +122,8 @@ def pool_kwargs(*, prepare: bool = True) -> dict[str, Any]:
 def pool(
     dsn: str, role: str, *, min_size: int = 1, max_size: int = 4, prepare: bool = True
 ) -> psycopg_pool.ConnectionPool[Any]:
+    import psycopg_pool
+
     p: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
         conninfo(dsn, role),
         min_size=min_size,
@@ -132,6 +139,8 @@ def pool(
 async def pool_async(
     dsn: str, role: str, *, min_size: int = 1, max_size: int = 4, prepare: bool = True
 ) -> psycopg_pool.AsyncConnectionPool[Any]:
+    import psycopg_pool
+
     p: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
         conninfo(dsn, role),
         min_size=min_size,

@@ -12,7 +12,6 @@ from typing import Annotated, Any
 
 import typer
 
-from pgq import db
 from pgq.errors import PgqError
 
 DsnOption = Annotated[
@@ -28,6 +27,8 @@ EXIT_USAGE = 2
 
 
 def dsn_or_default(dsn: str | None) -> str:
+    from pgq import db  # psycopg: imported by the commands that connect, not by `pgq --help`
+
     try:
         return db.resolve_dsn(dsn)
     except PgqError as exc:

@@ -3,6 +3,9 @@
 People get rich tables; scripts get `--json` (times as ISO 8601 text, durations
 as seconds). Errors print one `error: ...` line on stderr and exit 1 (not
 found, refused, failed) or 2 (bad usage or arguments).
+
+rich and psycopg are imported by the functions that use them, not with the module:
+`pgq --help` and the commands that print no table do not pay for them.
 """
 
 from __future__ import annotations
@@ -14,16 +17,15 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import date, datetime, timedelta
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import psycopg
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from pgq import db
 from pgq.cli._common import EXIT_FAILED, EXIT_USAGE, fail
 from pgq.errors import PgqError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 
@@ -50,6 +52,8 @@ def emit_json(value: Any) -> None:
 
 def console() -> Console:
     """A console that never wraps ids or truncates columns when piped."""
+    from rich.console import Console
+
     if sys.stdout.isatty():
         return Console()
     width = int(os.environ.get("COLUMNS", "0") or 0) or 200
@@ -57,6 +61,8 @@ def console() -> Console:
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.table import Table
+
     t = Table(title=title, show_lines=False, header_style="bold")
     for c in columns:
         t.add_column(c, overflow="fold")
@@ -103,6 +109,10 @@ def short(value: Any, limit: int = 60) -> str:
 @contextlib.contextmanager
 def errors(dsn: str | None = None) -> Iterator[None]:
     """Map pgq's errors to one line on stderr and an exit code."""
+    import psycopg
+
+    from pgq import db
+
     try:
         yield
     except (ValueError, TypeError) as exc:  # bad arguments (ConfigError, InvalidArgumentError, ...)

@@ -8,10 +8,9 @@ from typing import Annotated
 
 import typer
 
-from pgq import _sql, db
+from pgq import _sql
 from pgq.cli._common import DsnOption, SchemaOption, dsn_or_default, fail, print_json
 from pgq.errors import PgqError
-from pgq.scheduler import entry_history, list_entries
 
 
 def _t(value: datetime | None) -> str:
@@ -36,6 +35,9 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ) -> None:
         """List periodic entries with their previous and next run (database clock)."""
+        from pgq import db
+        from pgq.scheduler import list_entries
+
         try:
             _sql.check_schema(schema)
             with db.connect(dsn_or_default(dsn), "cli") as conn:
@@ -75,6 +77,9 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ) -> None:
         """Show the recent enqueues of one periodic entry, newest first, with task ids."""
+        from pgq import db
+        from pgq.scheduler import entry_history
+
         try:
             _sql.check_schema(schema)
             with db.connect(dsn_or_default(dsn), "cli") as conn:

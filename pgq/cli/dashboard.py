@@ -13,7 +13,6 @@ from typing import Annotated
 
 import typer
 
-from pgq import db
 from pgq.cli._common import EXIT_USAGE, DsnOption, SchemaOption, dsn_or_default, fail
 from pgq.errors import ConfigError
 
@@ -68,6 +67,7 @@ def dashboard(
     try:
         import uvicorn
 
+        from pgq import db
         from pgq.dashboard import Auth, Settings, check_bind, create_app, parse_basic_auth
     except ImportError as exc:
         fail(f"the dashboard needs its extra: pip install 'pgq-jobs[dashboard]' ({exc.name} is missing)", 1)

@@ -23,7 +23,6 @@ from typing import Annotated, Any
 
 import typer
 
-from pgq import db, migrate
 from pgq.cli._common import EXIT_FAILED, DsnOption, SchemaOption, dsn_or_default, fail
 from pgq.errors import PgqError
 
@@ -66,6 +65,7 @@ def run_demo(
 ) -> bool:
     """Run the tutorial; True when the handler printed the joined messages."""
     import pgq  # the public API, as a user's program would use it
+    from pgq import db, migrate
 
     clock = _Clock()
     msgs = messages or DEFAULT_MESSAGES

@@ -12,7 +12,6 @@ import typer
 
 from pgq.cli._common import DsnOption, SchemaOption, dsn_or_default
 from pgq.cli._output import JsonOption, emit_json, errors, table
-from pgq.inspector import LEVELS, Inspector
 
 EXIT_BY_LEVEL = {"ok": 0, "warn": 1, "critical": 2}
 
@@ -49,6 +48,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Check the NOTIFY queue, long transactions, slots, prepared transactions, pgq's own
         sessions, the aggregation leadership keys and pgq.task. Exit 0 ok, 1 warn, 2 critical."""
+        from pgq.inspector import LEVELS, Inspector
+
         target = dsn_or_default(dsn)
         with errors(target), Inspector(target, schema=schema) as insp:
             report = insp.doctor(

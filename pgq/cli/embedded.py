@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from pgq import embedded
 from pgq.cli._common import EXIT_FAILED, fail, print_json
 from pgq.errors import PgqError
 
@@ -27,6 +26,8 @@ def register(app: typer.Typer) -> None:
         """Show where the embedded PostgreSQL lives and whether it is running (starts nothing).
 
         Exit code 0 when it runs, 1 when it does not."""
+        from pgq import embedded
+
         st = embedded.status()
         if as_json:
             print_json(st.as_dict())
@@ -46,6 +47,8 @@ def register(app: typer.Typer) -> None:
     @sub.command("start")
     def start_cmd() -> None:
         """Start the embedded PostgreSQL (initialising it on first use) and print its DSN."""
+        from pgq import embedded
+
         try:
             typer.echo(embedded.start())
         except PgqError as exc:
@@ -56,6 +59,8 @@ def register(app: typer.Typer) -> None:
         """Print the embedded PostgreSQL's DSN, starting it if needed.
 
         E.g. `export PGQ_DSN="$(pgq embedded dsn)"`."""
+        from pgq import embedded
+
         try:
             typer.echo(embedded.start())
         except PgqError as exc:
@@ -64,6 +69,8 @@ def register(app: typer.Typer) -> None:
     @sub.command("stop")
     def stop_cmd() -> None:
         """Stop the embedded PostgreSQL (fast shutdown). The data is kept; the next use starts it again."""
+        from pgq import embedded
+
         try:
             was_running = embedded.stop()
         except PgqError as exc:

@@ -10,8 +10,6 @@ import typer
 
 from pgq.cli._common import EXIT_USAGE, DsnOption, SchemaOption, dsn_or_default, fail
 from pgq.cli._output import JsonOption, emit_json, errors, human
-from pgq.client import Client
-from pgq.task import Task
 
 
 def _payload(text: str | None) -> Any:
@@ -84,6 +82,8 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Enqueue a task. Example: pgq enqueue email:send '{"to": 42}' --queue mail --process-in 10s"""
+        from pgq.task import Task
+
         opts: dict[str, Any] = {
             "queue": queue,
             "group": group,
@@ -99,6 +99,8 @@ def register(app: typer.Typer) -> None:
         opts = {k: v for k, v in opts.items() if v is not None}
         task = Task(task_type, _payload(payload), headers=_headers(header) or None)
         target = dsn_or_default(dsn)
+        from pgq.client import Client  # after the arguments are checked: a usage error exits sooner
+
         with errors(target), Client(target, schema=schema, notify_window=0) as client:
             info = client.enqueue(task, **opts)
         if as_json:

@@ -1,5 +1,7 @@
 """Inspection commands: `pgq stats`, `pgq queue ...`, `pgq task ...`, `pgq group ...`,
-`pgq server ...`. Thin wrappers over pgq.Inspector; see docs/cli.md.
+`pgq server ...`. Thin wrappers over pgq.Inspector; see docs/cli.md. pgq.inspector
+(and psycopg with it) is imported when a command runs, not when the commands are
+registered, so `pgq --help` and the other commands do not pay for it.
 
 Exit codes: 0 ok; 1 not found or the operation was refused/failed; 2 bad usage.
 """
@@ -8,20 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from pgq.cli._common import EXIT_USAGE, DsnOption, SchemaOption, dsn_or_default, fail
 from pgq.cli._output import JsonOption, emit_json, errors, human, short, table
-from pgq.inspector import (
-    ARCHIVABLE_STATES,
-    DELETABLE_STATES,
-    RUNNABLE_STATES,
-    Inspector,
-    QueueInfo,
-)
-from pgq.task import STATES, TaskInfo
+from pgq.task import STATES
+
+if TYPE_CHECKING:
+    from pgq.inspector import Inspector, QueueInfo
+    from pgq.task import TaskInfo
 
 QueueOpt = Annotated[str, typer.Option("--queue", "-q", help="Queue name.")]
 StateOpt = Annotated[str | None, typer.Option("--state", "-s", help=f"Task state: {', '.join(STATES)}.")]
@@ -33,6 +32,8 @@ TaskIdArg = Annotated[str, typer.Argument(help="Task id.", show_default=False)]
 
 @contextmanager
 def inspector(dsn: str | None, schema: str) -> Iterator[Inspector]:
+    from pgq.inspector import Inspector
+
     target = dsn_or_default(dsn)
     with errors(target), Inspector(target, schema=schema) as insp:
         yield insp
@@ -323,16 +324,15 @@ def register(app: typer.Typer) -> None:
         else:
             _task_detail(info)
 
-    def _task_action(
-        action: Callable[[Inspector, str, str], object],
-        queue: str,
-        task_id: str,
-        dsn: str | None,
-        schema: str,
-        done: str,
-    ) -> None:
+    def _task_action(verb: str, queue: str, task_id: str, dsn: str | None, schema: str, done: str) -> None:
         with inspector(dsn, schema) as insp:
-            action(insp, queue, task_id)
+            actions: dict[str, Callable[[str, str], object]] = {
+                "run": insp.run_task,
+                "archive": insp.archive_task,
+                "delete": insp.delete_task,
+                "cancel": insp.cancel_task,
+            }
+            actions[verb](queue, task_id)
         typer.echo(done)
 
     @task_app.command("run")
@@ -340,39 +340,41 @@ def register(app: typer.Typer) -> None:
         task_id: TaskIdArg, queue: QueueOpt, dsn: DsnOption = None, schema: SchemaOption = "pgq"
     ) -> None:
         """Make a scheduled, retry, archived or aggregating task pending now."""
-        _task_action(Inspector.run_task, queue, task_id, dsn, schema, f"task {task_id} is pending")
+        _task_action("run", queue, task_id, dsn, schema, f"task {task_id} is pending")
 
     @task_app.command("archive")
     def task_archive(
         task_id: TaskIdArg, queue: QueueOpt, dsn: DsnOption = None, schema: SchemaOption = "pgq"
     ) -> None:
         """Archive a pending, scheduled, retry or aggregating task."""
-        _task_action(Inspector.archive_task, queue, task_id, dsn, schema, f"task {task_id} archived")
+        _task_action("archive", queue, task_id, dsn, schema, f"task {task_id} archived")
 
     @task_app.command("delete")
     def task_delete(
         task_id: TaskIdArg, queue: QueueOpt, dsn: DsnOption = None, schema: SchemaOption = "pgq"
     ) -> None:
         """Delete a task that is not active (releases its unique lock)."""
-        _task_action(Inspector.delete_task, queue, task_id, dsn, schema, f"task {task_id} deleted")
+        _task_action("delete", queue, task_id, dsn, schema, f"task {task_id} deleted")
 
     @task_app.command("cancel")
     def task_cancel(
         task_id: TaskIdArg, queue: QueueOpt, dsn: DsnOption = None, schema: SchemaOption = "pgq"
     ) -> None:
         """Ask the worker running an active task to cancel it (best effort; the task is retried)."""
-        _task_action(Inspector.cancel_task, queue, task_id, dsn, schema, f"cancel sent for task {task_id}")
+        _task_action("cancel", queue, task_id, dsn, schema, f"cancel sent for task {task_id}")
 
     def _bulk(
         verb: str,
         queue: str,
         state: str | None,
         group: str | None,
-        allowed: tuple[str, ...],
         dsn: str | None,
         schema: str,
         as_json: bool,
     ) -> None:
+        from pgq.inspector import ARCHIVABLE_STATES, DELETABLE_STATES, RUNNABLE_STATES
+
+        allowed = {"run": RUNNABLE_STATES, "archive": ARCHIVABLE_STATES, "delete": DELETABLE_STATES}[verb]
         st = _state(state, allowed, group=group)
         with inspector(dsn, schema) as insp:
             if group is not None:
@@ -404,7 +406,7 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Make every task of a state (scheduled, retry, archived, aggregating) pending now."""
-        _bulk("run", queue, state, group, RUNNABLE_STATES, dsn, schema, as_json)
+        _bulk("run", queue, state, group, dsn, schema, as_json)
 
     @task_app.command("archiveall")
     def task_archiveall(
@@ -416,7 +418,7 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Archive every task of a state (pending, scheduled, retry, aggregating)."""
-        _bulk("archive", queue, state, group, ARCHIVABLE_STATES, dsn, schema, as_json)
+        _bulk("archive", queue, state, group, dsn, schema, as_json)
 
     @task_app.command("deleteall")
     def task_deleteall(
@@ -428,7 +430,7 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOption = False,
     ) -> None:
         """Delete every task of a state (any state but active)."""
-        _bulk("delete", queue, state, group, DELETABLE_STATES, dsn, schema, as_json)
+        _bulk("delete", queue, state, group, dsn, schema, as_json)
 
     # -- group ------------------------------------------------------------------------
 

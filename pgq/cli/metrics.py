@@ -8,7 +8,6 @@ from typing import Annotated
 
 import typer
 
-from pgq import db
 from pgq.cli._common import DsnOption, SchemaOption, dsn_or_default, fail
 from pgq.cli._output import errors
 
@@ -24,6 +23,7 @@ def register(app: typer.Typer) -> None:
         schema: SchemaOption = "pgq",
     ) -> None:
         """Serve Prometheus metrics (tasks per state, latency, groups, servers) until interrupted."""
+        from pgq import db
         from pgq.metrics import start_exporter
 
         target = dsn_or_default(dsn)

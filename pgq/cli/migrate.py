@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from pgq import db, migrate
 from pgq.cli._common import DsnOption, SchemaOption, dsn_or_default, print_json
 
 
@@ -21,6 +20,8 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ) -> None:
         """Apply pending schema migrations (idempotent; safe to run concurrently)."""
+        from pgq import db, migrate
+
         target = dsn_or_default(dsn)
         if status:
             st = migrate.status(target, schema)

@@ -6,7 +6,8 @@ exactly one ServeMux (or give `module:server:mux`). Flags override the
 Server's own settings. `--processes N` starts N worker processes (to use every
 core) and supervises them: signals are forwarded, a child that dies is
 restarted. Logs are structured: `--log-format json` prints one JSON object a
-line; text lines carry the record's extra fields as key=value.
+line; text lines carry the record's extra fields as key=value. pgq.server (asyncio,
+psycopg, the worker) is imported when the command runs, not when it is registered.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from pgq import db
 from pgq.cli._common import EXIT_USAGE, DsnOption, fail
 from pgq.errors import ConfigError
-from pgq.mux import ServeMux
-from pgq.server import Server
+
+if TYPE_CHECKING:
+    from pgq.mux import ServeMux
+    from pgq.server import Server
 
 _STD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -90,6 +92,9 @@ def parse_queues(text: str) -> dict[str, int]:
 
 def load_app(spec: str) -> tuple[Server | None, ServeMux]:
     """Import `module:attr[:mux]`; the Server (if any) and the ServeMux to run."""
+    from pgq.mux import ServeMux
+    from pgq.server import Server
+
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not all(parts):
         raise ConfigError(f"app must be 'module:attr' (a Server or a ServeMux), got {spec!r}")
@@ -193,6 +198,8 @@ def register(app: typer.Typer) -> None:
         if log_format not in ("text", "json"):
             fail(f"--log-format must be text or json, got {log_format!r}", EXIT_USAGE)
         setup_logging(log_level, log_format)
+        from pgq.server import Server
+
         try:
             overrides: dict[str, Any] = {}
             if dsn is not None:
@@ -215,6 +222,7 @@ def register(app: typer.Typer) -> None:
         if metrics_port is not None:
             # One exporter per command, in the supervisor when there are several processes:
             # its figures cover the whole database, not one process.
+            from pgq import db
             from pgq.metrics import start_exporter
 
             start_exporter(db.resolve_dsn(server._dsn), metrics_port, server.schema, addr=metrics_addr)
