@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,13 @@ def failed(dsn: str | None, *args: str, code: int = 1) -> str:
     r = run(dsn, *args)
     assert r.returncode == code, (args, r.returncode, r.stdout, r.stderr)
     return r.stderr
+
+
+def failed_many(dsn: str, cases: list[tuple[str, ...]], code: int = 1) -> list[tuple[tuple[str, ...], str]]:
+    """`failed` for commands that do not depend on each other, a few at a time: each
+    spends most of its time starting an interpreter, and the machine has two cores."""
+    with ThreadPoolExecutor(3) as pool:
+        return list(zip(cases, pool.map(lambda a: failed(dsn, *a, code=code), cases), strict=True))
 
 
 @pytest.fixture
@@ -85,13 +93,17 @@ def test_enqueue_options(dsn: str) -> None:
 
 
 def test_enqueue_bad_arguments_exit_2(dsn: str) -> None:
-    assert "not valid JSON" in failed(dsn, "enqueue", "x", "{oops", code=2)
-    assert "max_retry" in failed(dsn, "enqueue", "x", "--max-retry", "-1", code=2)
-    assert "process_in" in failed(dsn, "enqueue", "x", "--process-in", "soon", code=2)
-    assert "time zone" in failed(dsn, "enqueue", "x", "--process-at", "2030-01-01T00:00:00", code=2)
-    assert "KEY=VALUE" in failed(dsn, "enqueue", "x", "-H", "novalue", code=2)
-    assert "group" in failed(dsn, "enqueue", "x", "--group", "  ", code=2)
-    failed(dsn, "enqueue", code=2)  # no TYPE
+    cases = {
+        ("enqueue", "x", "{oops"): "not valid JSON",
+        ("enqueue", "x", "--max-retry", "-1"): "max_retry",
+        ("enqueue", "x", "--process-in", "soon"): "process_in",
+        ("enqueue", "x", "--process-at", "2030-01-01T00:00:00"): "time zone",
+        ("enqueue", "x", "-H", "novalue"): "KEY=VALUE",
+        ("enqueue", "x", "--group", "  "): "group",
+        ("enqueue",): "",  # no TYPE
+    }
+    for args, stderr in failed_many(dsn, list(cases), code=2):
+        assert cases[args] in stderr, (args, stderr)
 
 
 def test_stats_and_queue_commands(dsn: str, client: pgq.Client, conn: psycopg.Connection[Any]) -> None:
@@ -135,7 +147,7 @@ def test_queue_remove(dsn: str, client: pgq.Client) -> None:
 
 def test_unknown_queue_and_task_exit_1(dsn: str, client: pgq.Client) -> None:
     client.enqueue(pgq.Task("t"), queue="q")
-    for args in (
+    queue_cases = [
         ("queue", "inspect", "nope"),
         ("queue", "history", "nope"),
         ("queue", "pause", "nope"),
@@ -145,25 +157,30 @@ def test_unknown_queue_and_task_exit_1(dsn: str, client: pgq.Client) -> None:
         ("task", "inspect", "-q", "nope", "1"),
         ("group", "ls", "-q", "nope"),
         ("task", "runall", "-q", "nope", "-s", "retry"),
-    ):
-        assert "queue 'nope' does not exist" in failed(dsn, *args), args
-    for verb in ("inspect", "run", "archive", "delete", "cancel"):
-        assert "no task '9999'" in failed(dsn, "task", verb, "-q", "q", "9999"), verb
+    ]
+    verbs = ("inspect", "run", "archive", "delete", "cancel")
+    task_cases = [("task", verb, "-q", "q", "9999") for verb in verbs]
+    for args, stderr in failed_many(dsn, queue_cases):
+        assert "queue 'nope' does not exist" in stderr, args
+    for args, stderr in failed_many(dsn, task_cases):
+        assert "no task '9999'" in stderr, args
 
 
 def test_bad_usage_exit_2(dsn: str) -> None:
-    assert "unknown state 'bogus'" in failed(dsn, "task", "ls", "-q", "q", "-s", "bogus", code=2)
-    assert "--state is required" in failed(dsn, "task", "ls", "-q", "q", code=2)
-    assert "does not apply to pending" in failed(dsn, "task", "runall", "-q", "q", "-s", "pending", code=2)
-    assert "does not apply to active" in failed(dsn, "task", "deleteall", "-q", "q", "-s", "active", code=2)
-    assert "--group applies to aggregating" in failed(
-        dsn, "task", "ls", "-q", "q", "-s", "pending", "-g", "g", code=2
-    )
-    failed(dsn, "task", "ls", "-s", "pending", code=2)  # --queue missing
-    failed(dsn, "task", "ls", "-q", "q", "-s", "pending", "--page", "0", code=2)
-    failed(dsn, "task", "inspect", "-q", "q", code=2)  # no id
-    failed(dsn, "queue", "frobnicate", code=2)
-    failed(dsn, "stats", "--no-such-option", code=2)
+    cases = {
+        ("task", "ls", "-q", "q", "-s", "bogus"): "unknown state 'bogus'",
+        ("task", "ls", "-q", "q"): "--state is required",
+        ("task", "runall", "-q", "q", "-s", "pending"): "does not apply to pending",
+        ("task", "deleteall", "-q", "q", "-s", "active"): "does not apply to active",
+        ("task", "ls", "-q", "q", "-s", "pending", "-g", "g"): "--group applies to aggregating",
+        ("task", "ls", "-s", "pending"): "",  # --queue missing
+        ("task", "ls", "-q", "q", "-s", "pending", "--page", "0"): "",
+        ("task", "inspect", "-q", "q"): "",  # no id
+        ("queue", "frobnicate"): "",
+        ("stats", "--no-such-option"): "",
+    }
+    for args, stderr in failed_many(dsn, list(cases), code=2):
+        assert cases[args] in stderr, (args, stderr)
     assert "invalid DSN" in failed("not a dsn ===", "stats", code=2)
 
 
