@@ -377,9 +377,10 @@ class WakeDebouncer:
     itself. Whoever sends the trailing NOTIFY (the Client's thread, the
     AsyncClient's task) wakes when one may be due, and during a stream every
     inline NOTIFY pushes that moment on: with two windows it woke every ~2 ms to
-    find nothing due, and those wake-ups cost a one-task enqueue 40-90 us of its
-    ~1 ms on a 2-core machine (benchmarks/enqueue.py). With `trail` it wakes at
-    most about once per `trail - window` (~50/s). The price: when a stream stops,
+    find nothing due (0.25-0.33 wake-ups per enqueue). With `trail` it wakes at
+    most about once per `trail - window` (0.04-0.06 per enqueue), and one-task
+    enqueues take 0.89-1.00x the time on an idle 2-core machine, 0.92-0.94x with
+    one core kept busy (benchmarks/wakeups.py). The price: when a stream stops,
     its last tasks wait up to `trail` for their wake-up, if no busy worker finds
     them first. A queue stops streaming when its trailing NOTIFY is sent or an
     enqueue notifies with none pending.
