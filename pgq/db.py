@@ -18,11 +18,23 @@ it off itself when `transaction_pooled()` says so).
 
 psycopg_pool is imported by the pool functions only: the `pgq` commands that open one
 connection (`pgq stats`, ...) do not load it.
+
+Reconnecting (R12): psycopg_pool replaces a lost connection by retrying with a
+doubling delay (1, 2, 4, 8, 16 s ...) for `reconnect_timeout` (300 s by default),
+so after a 45 s cut a Server whose six connections all broke resumed 17.8 s after
+the database came back. pgq's pools give up a retry chain after
+RECONNECT_TIMEOUT and start over at once (`reconnect_failed` runs `check()`,
+which grows the pool by one connection when it has none): the delay between
+attempts never exceeds about half of RECONNECT_TIMEOUT, and the broken
+connections' chains fold into one. The cost: during a long outage psycopg_pool
+logs its "error connecting" warning every few seconds (logger `psycopg.pool`),
+where pgq itself logs the episode twice (pgq/_outage.py).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -119,6 +131,19 @@ def pool_kwargs(*, prepare: bool = True) -> dict[str, Any]:
     return kw
 
 
+#: How long one of pgq's pools retries a lost connection before it starts over
+#: (see "Reconnecting" above).
+RECONNECT_TIMEOUT = 5.0
+
+
+def _regrow(p: psycopg_pool.ConnectionPool[Any]) -> None:
+    p.check()
+
+
+async def _regrow_async(p: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+    await p.check()
+
+
 def pool(
     dsn: str, role: str, *, min_size: int = 1, max_size: int = 4, prepare: bool = True
 ) -> psycopg_pool.ConnectionPool[Any]:
@@ -131,25 +156,43 @@ def pool(
         kwargs=pool_kwargs(prepare=prepare),
         open=False,
         name=f"pgq-{role}",
+        reconnect_timeout=RECONNECT_TIMEOUT,
+        reconnect_failed=_regrow,
     )
     p.open(wait=False)
     return p
 
 
 async def pool_async(
-    dsn: str, role: str, *, min_size: int = 1, max_size: int = 4, prepare: bool = True
+    dsn: str,
+    role: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    prepare: bool = True,
+    kwargs: dict[str, Any] | None = None,
+    configure: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None,
+    open_timeout: float | None = None,
 ) -> psycopg_pool.AsyncConnectionPool[Any]:
+    """An asyncio pool of pgq's own. `kwargs` replaces pool_kwargs(prepare=...);
+    open_timeout: wait that long for min_size connections (else open in the background)."""
     import psycopg_pool
 
     p: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
         conninfo(dsn, role),
         min_size=min_size,
         max_size=max_size,
-        kwargs=pool_kwargs(prepare=prepare),
+        kwargs=pool_kwargs(prepare=prepare) if kwargs is None else kwargs,
+        configure=configure,
         open=False,
         name=f"pgq-{role}",
+        reconnect_timeout=RECONNECT_TIMEOUT,
+        reconnect_failed=_regrow_async,
     )
-    await p.open(wait=False)
+    if open_timeout is None:
+        await p.open(wait=False)
+    else:
+        await p.open(wait=True, timeout=open_timeout)
     return p
 
 

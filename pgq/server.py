@@ -266,16 +266,15 @@ class Server:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal, sig)
-        pool: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
-            db.conninfo(dsn, "worker"),
+        pool = await db.pool_async(
+            dsn,
+            "worker",
             min_size=2,
             max_size=6,
             kwargs={"autocommit": True, "prepare_threshold": 2 if prepare else None},
             configure=configure_connection,
-            open=False,
-            name="pgq-worker",
+            open_timeout=30.0,
         )
-        await pool.open(wait=True, timeout=30.0)
         services_stop = asyncio.Event()
         bg: list[asyncio.Task[Any]] = []
         agg_task: asyncio.Task[Any] | None = None

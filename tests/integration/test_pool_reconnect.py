@@ -1,0 +1,59 @@
+"""pgq's pools come back soon after a long outage (R12's slow resume).
+
+psycopg_pool alone retries a lost connection at 1, 2, 4, 8 ... s: after an 8 s
+cut its next attempt comes 7 s after the heal. pgq's pools give a retry chain
+up after db.RECONNECT_TIMEOUT and start over at once (pgq/db.py, "Reconnecting"),
+so a client that asked during the outage gets a connection within about that long
+after the heal. (Without the restart a given-up pool would grow again only when
+another client asks.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgq import db
+from tests.fault.proxy import Proxy
+
+#: Longer than 1 + 2 + 4 s, so psycopg_pool's own back-off would wait till 15 s.
+OUTAGE = 8.0
+
+
+def test_pool_resumes_soon_after_a_long_cut(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(db, "RECONNECT_TIMEOUT", 1.0)
+    params = conninfo_to_dict(dsn)
+    proxy = Proxy(int(params.get("port") or 5432), str(params.get("host") or "127.0.0.1")).start()
+    via = make_conninfo("", **{**params, **proxy.dsn_params()})
+
+    async def body() -> float:
+        # max_size = min_size: a client cannot grow the pool past its broken connections
+        pool = await db.pool_async(via, "test", min_size=2, max_size=2, open_timeout=10)
+        got_at: list[float] = []
+
+        async def client() -> None:  # asks during the outage, as a worker's claimer does
+            async with pool.connection(timeout=OUTAGE + 20) as conn:
+                got_at.append(time.monotonic())
+                await conn.execute("SELECT 1")
+
+        try:
+            proxy.set_mode("cut")  # open connections closed, new ones refused
+            await pool.check()  # the pool finds both broken and starts to replace them
+            waiting = asyncio.ensure_future(client())
+            await asyncio.sleep(OUTAGE)  # the outage itself; what is measured follows it
+            assert not got_at
+            proxy.set_mode("pass")
+            healed = time.monotonic()
+            await waiting
+            return got_at[0] - healed
+        finally:
+            await pool.close()
+
+    try:
+        resumed = asyncio.run(body())
+    finally:
+        proxy.stop()
+    assert resumed < 2.5, f"first connection {resumed:.1f} s after the heal"
