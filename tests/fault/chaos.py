@@ -28,24 +28,21 @@ REPO = Path(__file__).resolve().parents[2]
 FULL = os.environ.get("PGQ_FAULT_FULL", "") not in ("", "0")
 SEED = int(os.environ.get("PGQ_FAULT_SEED", "0") or 0) or random.SystemRandom().randrange(1, 2**31)
 
-#: JSON lines reported by the tests of this session (printed again in the terminal summary).
-REPORTS: list[dict[str, Any]] = []
-
-
 def size(ci: Any, full: Any) -> Any:
     """The CI size, or the full one under PGQ_FAULT_FULL=1."""
     return full if FULL else ci
 
 
 def report(test: str, **figures: Any) -> dict[str, Any]:
-    """Print the test's figures as ONE JSON line (and keep it for the session summary)."""
+    """Print the test's figures as ONE JSON line (and add it to the session summary:
+    tests/conftest.py)."""
     line = {"test": test, **figures, "full": FULL, "seed": SEED}
-    REPORTS.append(line)
     print(json.dumps(line, default=str), flush=True)
-    path = os.environ.get("PGQ_FAULT_REPORT")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(line, default=str) + "\n")
+    for env in ("PGQ_FAULT_REPORT", "PGQ_FAULT_SUMMARY"):  # yours; the session summary's
+        path = os.environ.get(env)
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps(line, default=str) + "\n")
     return line
 
 

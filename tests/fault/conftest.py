@@ -28,15 +28,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.skip(reason=f"no PostgreSQL cluster for fault tests: {_why_not}"))
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if chaos_mod.REPORTS:
-        terminalreporter.section("pgq fault figures (one JSON line per test)")
-        import json
-
-        for line in chaos_mod.REPORTS:
-            terminalreporter.write_line(json.dumps(line, default=str))
-
-
 @pytest.fixture(scope="session")
 def golden() -> Iterator[Path]:
     with golden_cluster() as data:

@@ -44,7 +44,8 @@ def test_soak_smoke(server_dsn: str) -> None:
         for key in ("task_total_bytes", "n_dead_tup", "n_live_tup", "autovacuum_count", "interval_jobs"):
             assert isinstance(x[key], int) and x[key] >= 0, (key, x)
     a = [x for x in lines if x["phase"] == "A"]
-    assert a[-1]["jobs_enqueued"] >= 300
+    # phase A ends once every job is enqueued (its last line may come a little before)
+    assert lines[len(a)]["jobs_enqueued"] >= 300
     assert all(x["claim_p99_ms"] is not None and x["xids_per_job"] > 0 for x in a if x["interval_jobs"]), a
     assert lines[-1]["jobs_done"] >= 300
 
