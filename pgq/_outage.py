@@ -130,3 +130,49 @@ def _summary(counts: dict[str, int]) -> str:
 
 #: The process's episode; the loops of every Server in the process report to it.
 OUTAGE = Outage()
+
+
+#: How often psycopg_pool may warn about one of pgq's pools failing to connect.
+POOL_WARNING_EVERY = 60.0
+
+
+class PoolWarnings(logging.Filter):
+    """psycopg_pool warns at every failed connection attempt ("error connecting in
+    'pgq-worker': ...") and whenever a retry chain gives up. pgq's pools retry every
+    few seconds during an outage (pgq/db.py, "Reconnecting"), which would be hundreds
+    of lines for a ten-minute outage where the episode above logs two. This filter,
+    on the `psycopg.pool` logger, lets each such warning about one of pgq's pools
+    (named `pgq-<role>`) through once per POOL_WARNING_EVERY seconds and drops the
+    repeats; records about other pools pass untouched."""
+
+    def __init__(self, every: float = POOL_WARNING_EVERY) -> None:
+        super().__init__()
+        self.every = every
+        self._last: dict[tuple[str, object], float] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        pool = args[0] if isinstance(args, tuple) and args else None
+        if record.levelno < logging.WARNING or not (isinstance(pool, str) and pool.startswith("pgq-")):
+            return True
+        key, now = (pool, record.msg), time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.every:
+                return False
+            self._last[key] = now
+        return True
+
+
+_pool_warnings_installed = False
+_install_lock = threading.Lock()
+
+
+def quiet_pool_warnings() -> None:
+    """Install PoolWarnings on the `psycopg.pool` logger (once per process)."""
+    global _pool_warnings_installed
+    with _install_lock:
+        if not _pool_warnings_installed:
+            logging.getLogger("psycopg.pool").addFilter(PoolWarnings())
+            _pool_warnings_installed = True

@@ -26,9 +26,9 @@ the database came back. pgq's pools give up a retry chain after
 RECONNECT_TIMEOUT and start over at once (`reconnect_failed` runs `check()`,
 which grows the pool by one connection when it has none): the delay between
 attempts never exceeds about half of RECONNECT_TIMEOUT, and the broken
-connections' chains fold into one. The cost: during a long outage psycopg_pool
-logs its "error connecting" warning every few seconds (logger `psycopg.pool`),
-where pgq itself logs the episode twice (pgq/_outage.py).
+connections' chains fold into one. psycopg_pool warns at every failed attempt
+(logger `psycopg.pool`); for pgq's pools `_outage.PoolWarnings` lets one such
+warning through per minute, as pgq logs the episode itself (pgq/_outage.py).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
+from pgq import _outage
 from pgq.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -149,6 +150,7 @@ def pool(
 ) -> psycopg_pool.ConnectionPool[Any]:
     import psycopg_pool
 
+    _outage.quiet_pool_warnings()
     p: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
         conninfo(dsn, role),
         min_size=min_size,
@@ -178,6 +180,7 @@ async def pool_async(
     open_timeout: wait that long for min_size connections (else open in the background)."""
     import psycopg_pool
 
+    _outage.quiet_pool_warnings()
     p: psycopg_pool.AsyncConnectionPool[Any] = psycopg_pool.AsyncConnectionPool(
         conninfo(dsn, role),
         min_size=min_size,

@@ -11,6 +11,7 @@ another client asks.)
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -23,8 +24,11 @@ from tests.fault.proxy import Proxy
 OUTAGE = 8.0
 
 
-def test_pool_resumes_soon_after_a_long_cut(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pool_resumes_soon_after_a_long_cut(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(db, "RECONNECT_TIMEOUT", 1.0)
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
     params = conninfo_to_dict(dsn)
     proxy = Proxy(int(params.get("port") or 5432), str(params.get("host") or "127.0.0.1")).start()
     via = make_conninfo("", **{**params, **proxy.dsn_params()})
@@ -57,3 +61,6 @@ def test_pool_resumes_soon_after_a_long_cut(dsn: str, monkeypatch: pytest.Monkey
     finally:
         proxy.stop()
     assert resumed < 2.5, f"first connection {resumed:.1f} s after the heal"
+    # psycopg_pool warns at each failed attempt (23 here without the filter); one got through
+    warned = [r.msg for r in caplog.records if r.name == "psycopg.pool" and r.levelno >= logging.WARNING]
+    assert warned.count("error connecting in %r: %s") == 1, warned

@@ -8,7 +8,7 @@ import logging
 import psycopg
 import pytest
 
-from pgq._outage import Outage, is_database_error
+from pgq._outage import POOL_WARNING_EVERY, Outage, PoolWarnings, is_database_error
 
 
 def _records(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
@@ -69,3 +69,24 @@ def test_which_errors_are_the_databases() -> None:
     assert not is_database_error(psycopg.errors.UniqueViolation("x"))
     assert not is_database_error(psycopg.ProgrammingError("x"))
     assert not is_database_error(ValueError("x"))
+
+
+def test_pool_warnings_about_pgq_pools_pass_once_a_minute(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("pgq._outage.time.monotonic", lambda: clock[0])
+    f = PoolWarnings()
+
+    def rec(msg: str, *args: object, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.LogRecord("psycopg.pool", level, __file__, 1, msg, args, None)
+
+    err = psycopg.OperationalError("connection refused")
+    connecting, gave_up = "error connecting in %r: %s", "reconnection attempt in pool %r failed after %s sec"
+    assert f.filter(rec(connecting, "pgq-worker", err))
+    assert not f.filter(rec(connecting, "pgq-worker", err))  # a repeat within the minute
+    assert f.filter(rec(gave_up, "pgq-worker", 5.0))  # another warning: its own minute
+    assert f.filter(rec(connecting, "pgq-client", err))  # another pool of pgq's
+    assert f.filter(rec(connecting, "app-pool", err)) and f.filter(rec(connecting, "app-pool", err))
+    assert f.filter(rec("connection requested from %r", "pgq-worker", level=logging.INFO))
+    clock[0] += POOL_WARNING_EVERY
+    assert f.filter(rec(connecting, "pgq-worker", err))
+    assert not f.filter(rec(connecting, "pgq-worker", err))
