@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 FULL = os.environ.get("PGQ_FAULT_FULL", "") not in ("", "0")
 SEED = int(os.environ.get("PGQ_FAULT_SEED", "0") or 0) or random.SystemRandom().randrange(1, 2**31)
 
+
 def size(ci: Any, full: Any) -> Any:
     """The CI size, or the full one under PGQ_FAULT_FULL=1."""
     return full if FULL else ci
