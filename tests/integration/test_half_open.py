@@ -4,7 +4,6 @@ heartbeat abandons tasks at their local lease deadline even while its statement 
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import pytest
 
 import pgq
 from pgq import db
-from tests.fixtures.util import wait_for
+from tests.fixtures.util import blocking_mux, wait_for
 
 Conn = psycopg.Connection[Any]
 
@@ -42,18 +41,7 @@ def test_an_unanswered_heartbeat_abandons_the_task_at_its_local_deadline(
     """The heartbeat's statement blocks (here behind a row lock: as a half-open socket, it never
     answers): the handler is still cancelled when the lease runs out locally, not when (if ever)
     the statement returns, and the task's outcome is not written."""
-    started, cancelled = threading.Event(), threading.Event()
-    mux = pgq.ServeMux()
-
-    @mux.handle("t")
-    async def h(task: pgq.Task) -> None:
-        started.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
+    mux, started, cancelled = blocking_mux()
     lease = 1.5
     pk = int(client.enqueue(pgq.Task("t")).id)
     server = pgq.Server(dsn, lease_duration=lease, recover_interval=60)

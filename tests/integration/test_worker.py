@@ -372,14 +372,7 @@ def test_results_retention_and_cleaner(dsn: str, conn: Conn, client: pgq.Client)
 
 
 def test_shutdown_returns_unfinished_tasks_to_pending(dsn: str, conn: Conn, client: pgq.Client) -> None:
-    started = threading.Event()
-    mux = pgq.ServeMux()
-
-    @mux.handle("long")
-    async def long(task: pgq.Task) -> None:
-        started.set()
-        await asyncio.sleep(30)
-
+    mux, started, _ = util.blocking_mux("long")
     info = client.enqueue(pgq.Task("long"))
     server = pgq.Server(dsn, shutdown_timeout=0.2)
     server.start(mux)
@@ -440,19 +433,7 @@ def test_heartbeat_extends_leases(dsn: str, conn: Conn, client: pgq.Client) -> N
 
 
 def test_lost_lease_cancels_the_handler(dsn: str, conn: Conn, client: pgq.Client) -> None:
-    cancelled = threading.Event()
-    started = threading.Event()
-    mux = pgq.ServeMux()
-
-    @mux.handle("t")
-    async def h(task: pgq.Task) -> None:
-        started.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
+    mux, started, cancelled = util.blocking_mux()
     info = client.enqueue(pgq.Task("t"))
     with serving(pgq.Server(dsn, lease_duration=0.6, recover_interval=60), mux):
         assert started.wait(5)
@@ -463,14 +444,7 @@ def test_lost_lease_cancels_the_handler(dsn: str, conn: Conn, client: pgq.Client
 
 
 def test_cancel_notification_cancels_running_handler(dsn: str, conn: Conn, client: pgq.Client) -> None:
-    started = threading.Event()
-    mux = pgq.ServeMux()
-
-    @mux.handle("t")
-    async def h(task: pgq.Task) -> None:
-        started.set()
-        await asyncio.sleep(30)
-
+    mux, started, _ = util.blocking_mux()
     info = client.enqueue(pgq.Task("t"))
     with serving(pgq.Server(dsn, retry_delay_func=lambda *a: 60), mux):
         assert started.wait(5)
