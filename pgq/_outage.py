@@ -165,14 +165,13 @@ class PoolWarnings(logging.Filter):
         return True
 
 
-_pool_warnings_installed = False
+_POOL_WARNINGS = PoolWarnings()
 _install_lock = threading.Lock()
 
 
 def quiet_pool_warnings() -> None:
-    """Install PoolWarnings on the `psycopg.pool` logger (once per process)."""
-    global _pool_warnings_installed
+    """Install PoolWarnings on the `psycopg.pool` logger, once per process: addFilter skips a
+    filter the logger holds already (under the lock: held twice, its second call would drop
+    every record the first let through)."""
     with _install_lock:
-        if not _pool_warnings_installed:
-            logging.getLogger("psycopg.pool").addFilter(PoolWarnings())
-            _pool_warnings_installed = True
+        logging.getLogger("psycopg.pool").addFilter(_POOL_WARNINGS)
