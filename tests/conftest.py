@@ -16,6 +16,7 @@ import pytest
 pytest_plugins = ["tests.fixtures.db"]
 
 SUMMARY_ENV = "PGQ_FAULT_SUMMARY"
+_summary_key = pytest.StashKey[Path]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -37,6 +38,3 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.section("pgq fault figures (one JSON line per test)")
         for line in lines:
             terminalreporter.write_line(json.dumps(line, default=str))
-
-
-_summary_key = pytest.StashKey[Path]()

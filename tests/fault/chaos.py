@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from tests.fixtures.util import wait_for
+from tests.fixtures.util import read_log, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 FULL = os.environ.get("PGQ_FAULT_FULL", "") not in ("", "0")
@@ -126,10 +126,7 @@ class WorkerProc:
         return rc
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log_path)
 
     def tracebacks(self) -> int:
         return self.log().count("Traceback (most recent call last)")

@@ -25,7 +25,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.fault.cluster import PG_USER, Cluster
-from tests.fixtures.util import free_port
+from tests.fixtures.util import free_port, read_log
 
 PGBOUNCER = os.environ.get("PGQ_FAULT_PGBOUNCER") or shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
@@ -117,10 +117,7 @@ class Bouncer:
             return c.execute(f"SHOW {what}").fetchall()  # type: ignore[call-overload]
 
     def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log)
 
     def stop(self) -> None:
         p = self.proc

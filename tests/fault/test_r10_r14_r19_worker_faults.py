@@ -143,7 +143,9 @@ def test_r14_timeouts_and_table_lock(fdb: str, admin_dsn: str, workers: Any, cha
             said = [[x for x in e if x and "lease lost" not in x] for e in episode]
             log_lines.append(max(len(x) for x in said))
             db_lines.append(max(sum(1 for x in e if _logger(x) == "pgq.database") for e in said))
-            most_said = max(said, key=len) if len(max(said, key=len)) > len(most_said) else most_said
+            longest = max(said, key=len)
+            if len(longest) > len(most_said):
+                most_said = longest
             lease_lost_lines += sum(1 for e in episode for x in e if "lease lost" in x)
         wait_for(lambda: lost(fdb, ids) == 0, size(60, 900), "every task completed", interval=0.25)
     finally:
