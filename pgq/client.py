@@ -37,9 +37,9 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, LiteralString
 
 import psycopg
@@ -298,14 +298,15 @@ _SHARED_COLUMNS = tuple(c for c in _COLUMNS if c not in ("type", "payload", "hea
 
 
 def to_infos(
-    rows: Sequence[tuple[Any, ...]], items: Sequence[tuple[Task, dict[str, Any]]], params: dict[str, Any]
+    rows: Iterable[Sequence[Any]], items: Sequence[tuple[Task, dict[str, Any]]], params: dict[str, Any]
 ) -> list[TaskInfo]:
     """TaskInfo for each inserted row; DuplicateTaskError when a unique task was skipped.
 
-    Rows are tuples in the column order of task_enqueue's result:
-    (id, task_id, queue, state, group_key, enqueued_at, run_at, notified).
+    Rows are in the column order of task_enqueue's result:
+    (id, task_id, queue, state, group_key, enqueued_at, run_at, notified). A list of
+    rows is checked for skipped tasks; any other iterable must hold one row per task.
     """
-    if len(rows) != len(items):
+    if isinstance(rows, list) and len(rows) != len(items):
         skipped = len(items) - len(rows)
         raise DuplicateTaskError(
             f"{skipped} task(s) not enqueued: a task with the same queue, type and payload "
@@ -599,6 +600,53 @@ class _Queries:
         return self._q_one
 
 
+#: Rows of COPY data sent to the server at a time (see _CopyPlan.chunks).
+COPY_CHUNK_ROWS = 512
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def _copy_value(value: Any) -> str:
+    """One value as COPY's text format writes it: NULL as \\N, text with its backslashes,
+    newlines, carriage returns and tabs escaped, an interval as days and seconds."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, str):
+        return value.translate(_COPY_ESCAPES)
+    if isinstance(value, timedelta):
+        return f"{value.days} days {value.seconds}.{value.microseconds:06d} seconds"
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    return str(value)
+
+
+def _copy_tail(
+    queue: str,
+    type_: str,
+    group: str | None,
+    headers: str | None,
+    task_id: str | None,
+    max_retry: int,
+    timeout: float | None,
+    deadline: datetime | None,
+    retention: float | None,
+) -> str:
+    """The columns of a COPY row after its id and payload, through its newline."""
+    values = (
+        queue,
+        type_,
+        group,
+        "pending" if group is None else "aggregating",
+        headers,
+        task_id,
+        max_retry,
+        _td(timeout),
+        deadline,
+        _td(retention),
+    )
+    return "\t".join(map(_copy_value, values)) + "\n"
+
+
 #: enqueue_many of at least this many tasks goes through COPY when it can (see _copy_plan).
 COPY_MIN_TASKS = 64
 
@@ -624,38 +672,54 @@ class _CopyPlan:
             "notify": params["notify"],
         }
 
-    def rows(self, ids: list[int]) -> Iterable[tuple[Any, ...]]:
-        """The COPY rows: (id, task_id, queue, type, payload, headers, state, group_key,
-        max_retry, timeout, deadline, retention)."""
+    def chunks(self, ids: list[int]) -> Iterator[str]:
+        """The COPY data in COPY's text format, COPY_CHUNK_ROWS rows a chunk, in the column
+        order of task_copy_in: id, payload, then the tail (queue, type, group_key, state,
+        headers, task_id, max_retry, timeout, deadline, retention).
+
+        A row is its id, its payload and a tail shared by every task with the same queue,
+        type, group, headers and options: each distinct tail is formatted once, so a batch
+        costs one f-string per task instead of psycopg's per-row write_row (about a tenth
+        of enqueue_many's time). Payloads are JSON text from encode_payload, which never
+        holds a raw tab, newline or carriage return; only its backslashes need doubling.
+        """
         p = self.params
-        group, timeout, retention = p["group_key"], p["timeout"], p["retention"]
-        payload = map(encode_payload, p["payload"]) if p["deferred"] else iter(p["payload"])
-        return (
-            (
-                ids[i],
-                p["task_id"][i],
-                p["queue"][i],
-                p["type"][i],
-                next(payload),
-                p["headers"][i],
-                "pending" if group[i] is None else "aggregating",
-                group[i],
-                p["max_retry"][i],
-                _td(timeout[i]),
-                p["deadline"][i],
-                _td(retention[i]),
-            )
-            for i in range(self.n)
+        payloads = map(encode_payload, p["payload"]) if p["deferred"] else iter(p["payload"])
+        keys = zip(
+            p["queue"],
+            p["type"],
+            p["group_key"],
+            p["headers"],
+            p["task_id"],
+            p["max_retry"],
+            p["timeout"],
+            p["deadline"],
+            p["retention"],
+            strict=True,
         )
+        tails: dict[tuple[Any, ...], str] = {}
+        lines: list[str] = []
+        for id_, payload, key in zip(ids, payloads, keys, strict=True):
+            tail = tails.get(key)
+            if tail is None:
+                tail = tails[key] = _copy_tail(*key)
+            if "\\" in payload:
+                payload = payload.replace("\\", "\\\\")
+            lines.append(f"{id_}\t{payload}\t{tail}")
+            if len(lines) >= COPY_CHUNK_ROWS:
+                yield "".join(lines)
+                lines.clear()
+        if lines:
+            yield "".join(lines)
 
     def infos(self, ids: list[int], items: Sequence[tuple[Task, dict[str, Any]]]) -> list[TaskInfo]:
         """TaskInfos of the copied tasks, without their enqueue time (see `stamp`)."""
-        rows = [
+        rows = (
             (i, tid, q, "pending" if g is None else "aggregating", g, None, None)
             for i, tid, q, g in zip(
                 ids, self.params["task_id"], self.params["queue"], self.params["group_key"], strict=True
             )
-        ]
+        )  # made as to_infos takes them: no list of 10,000 tuples for the collector to walk
         return to_infos(rows, items, self.params)
 
     @staticmethod
@@ -942,8 +1006,8 @@ class Client(_Queries):
         assert row is not None
         ids: list[int] = row[0]
         with cur.copy(self._q_copy) as copy:
-            for r in plan.rows(ids):
-                copy.write_row(r)
+            for chunk in plan.chunks(ids):
+                copy.write(chunk)
             infos = plan.infos(ids, items)  # while the server inserts the rows
         done = cur.execute(self._q_copied, {**plan.finish, "first_id": ids[0]}).fetchone()
         assert done is not None
@@ -1146,8 +1210,8 @@ class AsyncClient(_Queries):
         assert row is not None
         ids: list[int] = row[0]
         async with cur.copy(self._q_copy) as copy:
-            for r in plan.rows(ids):
-                await copy.write_row(r)
+            for chunk in plan.chunks(ids):
+                await copy.write(chunk)
             infos = plan.infos(ids, items)  # while the server inserts the rows
         await cur.execute(self._q_copied, {**plan.finish, "first_id": ids[0]})
         done = await cur.fetchone()

@@ -78,9 +78,9 @@ class UnknownOptionError(InvalidArgumentError, TypeError):
 
 def check_options(options: Mapping[str, Any], where: str) -> None:
     """Raise UnknownOptionError naming each unknown option, with a close match when there is one."""
-    unknown = sorted(set(options) - ENQUEUE_OPTIONS)
-    if not unknown:
+    if options.keys() <= ENQUEUE_OPTIONS:  # the usual case, without building a set
         return
+    unknown = sorted(set(options) - ENQUEUE_OPTIONS)
     hints = []
     for name in unknown:
         if name == "conn":
@@ -380,9 +380,13 @@ def task_id_of(row: Mapping[str, Any]) -> str:
     return tid if tid is not None else str(row["id"])
 
 
-@dataclass
+@dataclass(slots=True)
 class TaskInfo:
-    """What pgq knows about one task (returned by enqueue and the Inspector)."""
+    """What pgq knows about one task (returned by enqueue and the Inspector).
+
+    Slotted: enqueue_many returns one per task, and a slotted instance takes about
+    two thirds of the memory of one with a __dict__ (and is a little faster to make).
+    """
 
     id: str
     queue: str

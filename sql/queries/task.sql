@@ -133,8 +133,9 @@ RETURNING id, enqueued_at;
 -- enqueue_many's bulk path for tasks that need no unique lock and no schedule
 -- (state pending, or aggregating with a group): COPY with ids taken beforehand by
 -- task_reserve_ids; enqueued_at and run_at default to the COPY's statement time.
--- task_enqueue_copied then does what task_enqueue does besides the insert.
-COPY pgq.task (id, task_id, queue, type, payload, headers, state, group_key, max_retry, timeout,
+-- task_enqueue_copied then does what task_enqueue does besides the insert. The
+-- column order is the one pgq/client.py's _CopyPlan.chunks writes.
+COPY pgq.task (id, payload, queue, type, group_key, state, headers, task_id, max_retry, timeout,
                deadline, retention) FROM STDIN;
 
 -- name: task_reserve_ids

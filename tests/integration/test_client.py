@@ -681,17 +681,18 @@ def test_caller_connection_with_dict_rows(client: pgq.Client, dsn: str) -> None:
 
 
 def _bulk(n: int, queue: str) -> list[pgq.Task]:
-    deadline = datetime(2031, 1, 1, tzinfo=UTC)
+    # COPY's text format escapes backslashes, tabs, newlines and carriage returns in names too
+    deadline = datetime(2031, 1, 1, 12, 30, 0, 250, tzinfo=timezone(timedelta(hours=5, minutes=45)))
     return [
         pgq.Task(
-            "t",
+            "t\tab\\" if i % 7 == 0 else "t",
             {"i": i, "s": 'tab\there\nnew \\ line "q" é'},
-            headers={"h": str(i)} if i % 3 else None,
-            group=f"g{i % 4}" if i % 2 else None,
+            headers={"h": str(i), "\\k": "v\r"} if i % 3 else None,
+            group=f"g{i % 4}\n\\" if i % 2 else None,
             max_retry=i % 5,
             timeout=1.5 if i % 2 else None,
             deadline=deadline if i % 3 == 0 else None,
-            retention=timedelta(hours=1) if i % 4 == 0 else None,
+            retention=timedelta(days=2, seconds=5, microseconds=7) if i % 4 == 0 else None,
             task_id=f"{queue}-{i}" if i % 5 == 0 else None,
             queue=queue,
         )
