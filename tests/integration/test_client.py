@@ -4,6 +4,7 @@ wake-up NOTIFYs, and bad input that must leave the caller's transaction usable."
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -829,3 +830,28 @@ def test_bad_payload_late_in_a_copied_batch_loses_nothing(
         client.enqueue_many(tasks, conn=tx)
     tx.commit()
     assert conn.execute("SELECT count(*) AS n FROM pgq.task").fetchone() == {"n": n - 5 + 1}
+
+
+def test_a_copied_batch_runs_with_the_collector_paused(
+    client: pgq.Client, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = pgq.client.COPY_MIN_TASKS
+    seen: list[bool] = []
+    encode = pgq.client.encode_payload
+
+    def watched(payload: Any) -> str:
+        seen.append(gc.isenabled())
+        return encode(payload)
+
+    monkeypatch.setattr(pgq.client, "encode_payload", watched)
+    assert gc.isenabled()
+    client.enqueue_many([pgq.Task("t", {"i": i}) for i in range(n)])
+    assert len(seen) == n and not any(seen)  # encoded as the COPY wrote them, collector paused
+    assert gc.isenabled()
+    seen.clear()
+    with pytest.raises(pgq.InvalidPayloadError):
+        client.enqueue_many([pgq.Task("t", {"i": i}) for i in range(n - 1)] + [pgq.Task("t", float("inf"))])
+    assert seen and not any(seen) and gc.isenabled()
+    client.enqueue_many([pgq.Task("t", {"i": i}) for i in range(n - 1)])  # below the COPY size: no pause
+    assert all(seen[-(n - 1) :])
+    assert conn.execute("SELECT count(*) AS n FROM pgq.task").fetchone() == {"n": 2 * n - 1}
