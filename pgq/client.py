@@ -321,24 +321,32 @@ def to_infos(
         params["retention"],
     )
     for r, (task, _), i in zip(rows, items, range(len(items)), strict=True):
-        t, k = timeout[i], retention[i]
-        out.append(
-            TaskInfo(
-                id=r[1] if r[1] is not None else str(r[0]),
-                queue=r[2],
-                type=task.type,
-                payload=task.payload,
-                state=r[3],
-                group=r[4],
-                max_retry=max_retry[i],
-                next_process_at=r[6],
-                enqueued_at=r[5],
-                headers=dict(task.headers) if task.headers else {},
-                timeout=None if t is None else timedelta(seconds=t),
-                deadline=deadline[i],
-                retention=None if k is None else timedelta(seconds=k),
-            )
+        # positional, in TaskInfo's field order (id ... enqueued_at): half the cost of
+        # keywords, which counts at 10,000 a call; the rarer fields are set after
+        info = TaskInfo(
+            r[1] if r[1] is not None else str(r[0]),
+            r[2],
+            task.type,
+            task.payload,
+            r[3],
+            r[4],
+            max_retry[i],
+            0,
+            r[6],
+            None,
+            None,
+            None,
+            r[5],
         )
+        if task.headers:
+            info.headers = dict(task.headers)
+        if timeout[i] is not None:
+            info.timeout = timedelta(seconds=timeout[i])
+        if deadline[i] is not None:
+            info.deadline = deadline[i]
+        if retention[i] is not None:
+            info.retention = timedelta(seconds=retention[i])
+        out.append(info)
     return out
 
 

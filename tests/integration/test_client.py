@@ -702,7 +702,7 @@ def _bulk(n: int, queue: str) -> list[pgq.Task]:
 
 
 def test_copy_and_statement_paths_agree(
-    client: pgq.Client, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+    client: pgq.Client, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch, dsn: str
 ) -> None:
     n = pgq.client.COPY_MIN_TASKS + 6
     via_copy = client.enqueue_many(_bulk(n, "a"))
@@ -722,6 +722,13 @@ def test_copy_and_statement_paths_agree(
         assert same_info(x, y, "state", "group", "max_retry", "timeout", "deadline", "retention", "headers")
         assert x.next_process_at == x.enqueued_at is not None
     assert [i.id for i in via_copy if not i.id.isdigit()] == [f"a-{i}" for i in range(0, n, 5)]
+    # and what each path returns is what the Inspector reads back from the row
+    fields = ("id", "queue", "type", "payload", "state", "group", "max_retry", "retried", "next_process_at")
+    fields += ("enqueued_at", "headers", "timeout", "deadline", "retention", "members", "last_error")
+    with pgq.Inspector(dsn) as inspector:
+        for info in via_copy + via_statement:
+            stored = inspector.get_task_info(info.queue, info.id)
+            assert same_info(info, stored, *fields), (info, stored)
     arrivals = conn.execute(
         "SELECT queue, group_key, size FROM pgq.group_arrival ORDER BY queue, group_key"
     ).fetchall()
