@@ -6,6 +6,7 @@ Each test drives its coroutine with asyncio.run (no extra pytest plugin needed).
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -206,8 +207,9 @@ def test_copied_batch_with_shared_options_and_a_late_bad_payload(
         bad[-1] = pgq.Task("t", {"i": {1, 2}})
         with pytest.raises(pgq.PayloadTypeError):
             await client.enqueue_many(bad, queue="q")  # encoded as the COPY writes: it rolls back
-        assert rows(conn) == []
+        assert rows(conn) == [] and gc.isenabled()  # the collector is back after a failed batch
         infos = await client.enqueue_many(bad[:-1], queue="q", group="g", max_retry=2)
+        assert gc.isenabled()
         assert [int(i.id) for i in infos] == [r["id"] for r in rows(conn)]
         assert {(i.state, i.group, i.max_retry, i.queue) for i in infos} == {("aggregating", "g", 2, "q")}
         assert len({i.enqueued_at for i in infos}) == 1 and infos[0].enqueued_at is not None
