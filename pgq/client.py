@@ -616,8 +616,8 @@ class _CollectorPause:
     Everything such a call makes stays reachable until it returns (its items, its
     TaskInfos) or is freed by reference counting (its rows), so a collection during
     it finds no garbage of the call's, yet walks all of it: a 10,000-task call set
-    off ~110 collections, about one a full one, ~20% of its time. With them held off,
-    benchmarks/enqueue.py's enqueue_many ran 1.29x as fast (scratch A/B, 10 rounds).
+    off ~110 collections, about one a full one, ~20% of its time. A scratch A/B of
+    such calls, the collector on and held off in alternating rounds: 1.29x as fast.
 
     Process-wide, as the collector is: garbage cycles that other threads (or, for
     the AsyncClient, other coroutines) make meanwhile wait for the next collection,
