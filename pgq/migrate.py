@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from pgq import _sql, db
 
@@ -66,6 +67,7 @@ def migrate_conn(conn: psycopg.Connection[Any], schema: str = "pgq") -> list[Mig
                 ).format(ident)
             )
         done = set(applied(conn, schema))
+        acls = _schema_acls(conn, schema)
         ran = []
         for m in available():
             if m.version in done:
@@ -78,9 +80,54 @@ def migrate_conn(conn: psycopg.Connection[Any], schema: str = "pgq") -> list[Mig
                 )
             ran.append(m)
         apply_views(conn, schema)
+        _restore_acls(conn, schema, acls)
         return ran
     finally:
         conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_lock_key(schema),))
+
+
+#: What GRANT can give on a view or a function (aclexplode's privilege_type).
+_PRIVILEGES = frozenset(
+    ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN", "EXECUTE")
+)
+
+
+def _schema_acls(conn: psycopg.Connection[Any], schema: str) -> list[dict[str, Any]]:
+    """The privileges of the schema's views and functions, before any migration runs."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_sql.query("schema_acls", schema), {"schema": schema}).fetchall()
+
+
+def _restore_acls(conn: psycopg.Connection[Any], schema: str, acls: list[dict[str, Any]]) -> None:
+    """Give a view or function that a migration dropped and `apply_views` created again
+    the privileges it had (sql/roles.sql's, or an operator's), in place of the defaults:
+    PUBLIC loses what the old ACL did not give it (a new function is executable by
+    PUBLIC), and each other grantee gets its privileges back. Objects that kept their
+    ACL, and objects sql/views/ no longer has, are left alone."""
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        for obj in acls:
+            params = {"kind": obj["kind"], "ident": obj["ident"]}
+            now = cur.execute(_sql.query("acl_recreated", schema), params).fetchone()
+            if now is None or not now["recreated"]:
+                continue
+            # the identity comes from the catalog, quoted by format('%I'); GRANT takes no parameters
+            target = sql.SQL("{} {}").format(sql.SQL(obj["kind"]), sql.SQL(obj["ident"]))
+            cur.execute(sql.SQL("REVOKE ALL ON {} FROM PUBLIC").format(target))
+            entries = cur.execute(
+                _sql.query("acl_entries", schema), {"acl": obj["acl"], "owner": now["owner"]}
+            ).fetchall()
+            for e in entries:
+                if e["privilege"] not in _PRIVILEGES:
+                    continue
+                public = e["grantee"] is None
+                cur.execute(
+                    sql.SQL("GRANT {} ON {} TO {}{}").format(
+                        sql.SQL(e["privilege"]),
+                        target,
+                        sql.SQL("PUBLIC") if public else sql.Identifier(e["grantee"]),
+                        sql.SQL(" WITH GRANT OPTION") if e["grantable"] and not public else sql.SQL(""),
+                    )
+                )
 
 
 def apply_views(conn: psycopg.Connection[Any], schema: str = "pgq") -> None:

@@ -8,6 +8,15 @@
 
 CREATE SCHEMA IF NOT EXISTS pgq;
 
+-- The checked values of a task row, as domains (migration 0003): PostgreSQL
+-- caches a domain's checks, where it rebuilds a table's CHECK expressions for
+-- every statement, which one-row INSERTs and UPDATEs paid for.
+CREATE DOMAIN pgq.task_state AS text CONSTRAINT task_state_check CHECK (VALUE IN
+    ('pending', 'scheduled', 'retry', 'active', 'aggregating', 'completed', 'archived'));
+CREATE DOMAIN pgq.retry_count AS integer CONSTRAINT task_retry_check CHECK (VALUE >= 0);
+CREATE DOMAIN pgq.payload AS jsonb CONSTRAINT task_payload_size_check
+    CHECK (pg_column_size(VALUE) <= 16777216);
+
 -- One row per task, whatever its state. Completed tasks without retention are
 -- deleted at once, aggregated members are deleted when their aggregate is
 -- inserted, so the table holds the live queue plus retained/archived history.
@@ -16,12 +25,12 @@ CREATE TABLE pgq.task (
     task_id          text,          -- a caller-chosen id (enqueue task_id=); NULL: the id is str(id)
     queue            text NOT NULL,
     type             text NOT NULL,
-    payload          jsonb NOT NULL,
+    payload          pgq.payload NOT NULL,
     headers          jsonb,
-    state            text NOT NULL,
+    state            pgq.task_state NOT NULL,
     group_key        text,          -- aggregation group (G1); kept on scheduled tasks for inspection
-    max_retry        integer NOT NULL DEFAULT 25,
-    retried          integer NOT NULL DEFAULT 0,   -- retries counted so far
+    max_retry        pgq.retry_count NOT NULL DEFAULT 25,
+    retried          pgq.retry_count NOT NULL DEFAULT 0,   -- retries counted so far
     attempt          integer NOT NULL DEFAULT 0,   -- claims so far: the fencing token of a lease
     timeout          interval,
     deadline         timestamptz,
@@ -38,11 +47,7 @@ CREATE TABLE pgq.task (
     expires_at       timestamptz,   -- completed_at + retention: the cleaner deletes after it
     result           jsonb,
     members          text[],        -- lineage: ids of the members aggregated into this task
-    CONSTRAINT task_state_check CHECK (state IN
-        ('pending', 'scheduled', 'retry', 'active', 'aggregating', 'completed', 'archived')),
-    CONSTRAINT task_group_check CHECK (state <> 'aggregating' OR group_key IS NOT NULL),
-    CONSTRAINT task_retry_check CHECK (max_retry >= 0 AND retried >= 0),
-    CONSTRAINT task_payload_size_check CHECK (pg_column_size(payload) <= 16777216)
+    CONSTRAINT task_group_check CHECK (state <> 'aggregating' OR group_key IS NOT NULL)
 ) WITH (fillfactor = 90, autovacuum_vacuum_scale_factor = 0.01,
         autovacuum_analyze_scale_factor = 0.02);
 

@@ -184,3 +184,74 @@ def test_migrated_database_works(empty_db: str) -> None:
         assert client.enqueue(pgq.Task("t")).state == "pending"
     with psycopg.connect(empty_db, row_factory=dict_row) as c:
         assert c.execute("SELECT count(*) AS n FROM pgq.task").fetchone() == {"n": 1}
+
+
+def test_upgrade_to_task_domains_keeps_rows_checks_and_view_privileges(
+    empty_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0003 moves pgq.task's per-column CHECKs into domains on a table that holds tasks."""
+    every = pgq.migrate.available()
+    monkeypatch.setattr(pgq.migrate, "available", lambda: [m for m in every if m.version < 3])
+    pgq.migrate.migrate(empty_db)
+    rows_sql = "SELECT id, state, max_retry, retried, payload, group_key FROM pgq.task ORDER BY id"
+    with psycopg.connect(empty_db, autocommit=True) as c:
+        c.execute(
+            "INSERT INTO pgq.task (queue, type, payload, state, group_key, max_retry, retried) VALUES"
+            " ('q', 't', '{\"a\": 1}', 'pending', NULL, 3, 0),"
+            " ('q', 't', '[1, 2]', 'aggregating', 'g', 25, 0),"
+            " ('q', 't', 'null', 'archived', NULL, 2, 2)"
+        )
+        c.execute("GRANT SELECT ON pgq.queue_stats, pgq.task_history TO PUBLIC")
+        c.execute("REVOKE ALL ON FUNCTION pgq.aggregate_of_member(text) FROM PUBLIC")  # as sql/roles.sql does
+        before = c.execute(rows_sql).fetchall()
+    monkeypatch.setattr(pgq.migrate, "available", lambda: every)
+    assert [m.version for m in pgq.migrate.migrate(empty_db)] == [m.version for m in every if m.version >= 3]
+    with psycopg.connect(empty_db, autocommit=True) as c:
+        assert c.execute(rows_sql).fetchall() == before
+        types = dict(
+            c.execute(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+                " WHERE a.attrelid = 'pgq.task'::regclass AND a.attname IN ('state', 'max_retry', 'payload')"
+            ).fetchall()
+        )
+        assert types == {"state": "pgq.task_state", "max_retry": "pgq.retry_count", "payload": "pgq.payload"}
+        checks = c.execute(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'pgq.task'::regclass AND contype = 'c'"
+        ).fetchall()
+        assert checks == [("task_group_check",)]
+        # the views came back, with the privileges they had
+        granted = c.execute(
+            "SELECT c.relname FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a"
+            " WHERE c.relnamespace = 'pgq'::regnamespace AND a.grantee = 0 AND a.privilege_type = 'SELECT'"
+            " ORDER BY 1"
+        ).fetchall()
+        assert granted == [("queue_stats",), ("task_history",)]
+        # the function 0003 dropped came back without the EXECUTE for PUBLIC a new one would have
+        acl = c.execute(
+            "SELECT proacl IS NOT NULL, (SELECT count(*) FROM aclexplode(proacl) a WHERE a.grantee = 0)"
+            " FROM pg_proc WHERE oid = 'pgq.aggregate_of_member(text)'::regprocedure"
+        ).fetchone()
+        assert acl == (True, 0)
+        assert c.execute("SELECT group_key, size FROM pgq.group_stats").fetchall() == [
+            ("g", 1)
+        ]  # a view over the altered columns reads the old rows
+        # every check still holds, under the same constraint names
+        bad = {
+            "task_state_check": "INSERT INTO pgq.task (queue, type, payload, state)"
+            " VALUES ('q', 't', '1', 'bogus')",
+            "task_retry_check": "UPDATE pgq.task SET retried = -1 WHERE state = 'pending'",
+            "task_group_check": "INSERT INTO pgq.task (queue, type, payload, state)"
+            " VALUES ('q', 't', '1', 'aggregating')",
+            "task_payload_size_check": "INSERT INTO pgq.task (queue, type, payload, state)"
+            " SELECT 'q', 't', (SELECT jsonb_agg(md5(i::text)) FROM generate_series(1, 500000) i),"
+            " 'pending'",  # ~20 MB of jsonb
+        }
+        for name, stmt in bad.items():
+            with pytest.raises(psycopg.errors.CheckViolation) as exc:
+                c.execute(stmt)
+            assert exc.value.diag.constraint_name == name
+    with pgq.Client(empty_db) as client:
+        assert client.enqueue(pgq.Task("t", {"k": 1}), queue="q").state == "pending"
+        assert [i.state for i in client.enqueue_many([pgq.Task("t", i) for i in range(100)], group="g")] == [
+            "aggregating"
+        ] * 100
