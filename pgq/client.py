@@ -541,8 +541,54 @@ class _Cursors:
         return cur
 
 
+#: How long the Client keeps one pooled connection out of its pool between calls
+#: (see _Kept) before handing it back, so the pool's lifetime rules reach it.
+KEPT_SECONDS = 60.0
+
+
+class _Kept:
+    """One connection of the Client's own pool, kept out of it for the next call.
+
+    A single enqueue is one round trip, so the pool's getconn and putconn (locks,
+    queue, statistics, reset and lifetime checks) were a sixth of the Python it
+    runs. The first call that finds the kept connection free takes it with a
+    non-blocking lock; a call that finds it taken (another thread or task is in a
+    call) checks one out of the pool as before, so no call ever waits for it. It
+    goes back through the pool when it breaks, when a call leaves it in a
+    transaction, after KEPT_SECONDS (the pool then applies max_lifetime and
+    replaces a closed one), at close(), and after a call that ran while close()
+    closed the pool. A threading lock in the AsyncClient
+    too: it is only ever tried, never waited on, so it cannot block a loop.
+    """
+
+    __slots__ = ("conn", "lock", "since")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.conn: Any = None
+        self.since = 0.0
+
+    def stale(self) -> bool:
+        """Whether the kept connection must go back to the pool before the next call."""
+        conn = self.conn
+        return conn is not None and (conn.closed or time.monotonic() - self.since > KEPT_SECONDS)
+
+    def spent(self) -> bool:
+        """Whether the call just made left the kept connection unfit to keep."""
+        conn = self.conn
+        return conn is not None and (
+            conn.broken or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+        )
+
+    def release(self) -> Any:
+        """The kept connection, no longer kept (to hand back to the pool)."""
+        conn, self.conn = self.conn, None
+        return conn
+
+
 class _Checkout:
-    """A connection of the Client's own pool for one call: getconn / putconn.
+    """A connection of the Client's own pool for one call: the kept one when it is
+    free (see _Kept), else getconn / putconn.
 
     Its connections are autocommit, so `pool.connection()`'s `with conn:` (a
     no-op commit) and its generator context managers buy nothing on this path
@@ -552,35 +598,83 @@ class _Checkout:
     autocommit).
     """
 
-    __slots__ = ("_conn", "_pool")
+    __slots__ = ("_conn", "_kept", "_pool")
 
-    def __init__(self, pool: psycopg_pool.ConnectionPool[Any]) -> None:
+    def __init__(self, pool: psycopg_pool.ConnectionPool[Any], kept: _Kept) -> None:
         self._pool = pool
+        self._kept: _Kept | None = kept
 
     def __enter__(self) -> psycopg.Connection[Any]:
-        conn: psycopg.Connection[Any] = self._pool.getconn()
-        self._conn = conn
-        return conn
+        kept = self._kept
+        assert kept is not None
+        if not kept.lock.acquire(blocking=False):
+            self._kept = None
+            conn: psycopg.Connection[Any] = self._pool.getconn()
+            self._conn = conn
+            return conn
+        try:
+            if kept.stale():
+                self._pool.putconn(kept.release())
+            if kept.conn is None:
+                kept.conn = self._pool.getconn()
+                kept.since = time.monotonic()
+        except BaseException:
+            kept.lock.release()
+            raise
+        self._conn = kept.conn
+        return self._conn
 
     def __exit__(self, *exc: object) -> None:
-        self._pool.putconn(self._conn)
+        kept = self._kept
+        if kept is None:
+            self._pool.putconn(self._conn)
+            return
+        try:
+            if kept.spent() or self._pool.closed:
+                self._pool.putconn(kept.release())  # the pool rolls it back, replaces or closes it
+        finally:
+            kept.lock.release()
 
 
 class _AsyncCheckout:
     """_Checkout for the AsyncClient's own pool."""
 
-    __slots__ = ("_conn", "_pool")
+    __slots__ = ("_conn", "_kept", "_pool")
 
-    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool[Any], kept: _Kept) -> None:
         self._pool = pool
+        self._kept: _Kept | None = kept
 
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
-        conn: psycopg.AsyncConnection[Any] = await self._pool.getconn()
-        self._conn = conn
-        return conn
+        kept = self._kept
+        assert kept is not None
+        if not kept.lock.acquire(blocking=False):
+            self._kept = None
+            conn: psycopg.AsyncConnection[Any] = await self._pool.getconn()
+            self._conn = conn
+            return conn
+        try:
+            if kept.stale():
+                await self._pool.putconn(kept.release())
+            if kept.conn is None:
+                kept.conn = await self._pool.getconn()
+                kept.since = time.monotonic()
+        except BaseException:
+            kept.lock.release()
+            raise
+        self._conn = kept.conn
+        return self._conn
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._pool.putconn(self._conn)
+        kept = self._kept
+        if kept is None:
+            await self._pool.putconn(self._conn)
+            return
+        try:
+            if kept.spent() or self._pool.closed:
+                await self._pool.putconn(kept.release())
+        finally:
+            kept.lock.release()
 
 
 class _Queries:
@@ -938,11 +1032,12 @@ class Client(_Queries):
         )
         self._debounce = WakeDebouncer(notify_window)
         self._trailer = _TrailingNotifier(self._debounce, self._send_notify)
+        self._kept = _Kept()
         self._closed = False
 
     def _checkout(self) -> AbstractContextManager[psycopg.Connection[Any]]:
         """A pooled connection for one call (see _Checkout)."""
-        return _Checkout(self._pool) if self._own_pool else self._pool.connection()
+        return _Checkout(self._pool, self._kept) if self._own_pool else self._pool.connection()
 
     def enqueue(
         self, task: Task, *, conn: psycopg.Connection[Any] | None = None, notify: bool = True, **opts: Any
@@ -1081,6 +1176,13 @@ class Client(_Queries):
             self._send_notify(pending)
         self._closed = True
         if self._own_pool:
+            if self._kept.lock.acquire(blocking=False):  # else a call in flight returns it
+                try:
+                    conn = self._kept.release()
+                    if conn is not None:
+                        self._pool.putconn(conn)
+                finally:
+                    self._kept.lock.release()
             self._pool.close()
 
     def __enter__(self) -> Client:
@@ -1122,6 +1224,7 @@ class AsyncClient(_Queries):
         self._own_pool = pool is None
         self._debounce = WakeDebouncer(notify_window)
         self._trailing_task: asyncio.Task[None] | None = None
+        self._kept = _Kept()
         self._closed = False
 
     async def _get_pool(self) -> psycopg_pool.AsyncConnectionPool[Any]:
@@ -1133,7 +1236,7 @@ class AsyncClient(_Queries):
     async def _checkout(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
         """A pooled connection for one call (see _Checkout)."""
         pool = await self._get_pool()
-        return _AsyncCheckout(pool) if self._own_pool else pool.connection()
+        return _AsyncCheckout(pool, self._kept) if self._own_pool else pool.connection()
 
     async def enqueue(
         self,
@@ -1300,6 +1403,13 @@ class AsyncClient(_Queries):
             await self._notify(pending)
         self._closed = True
         if self._own_pool and self._pool is not None:
+            if self._kept.lock.acquire(blocking=False):  # else a call in flight returns it
+                try:
+                    conn = self._kept.release()
+                    if conn is not None:
+                        await self._pool.putconn(conn)
+                finally:
+                    self._kept.lock.release()
             await self._pool.close()
 
     async def __aenter__(self) -> AsyncClient:

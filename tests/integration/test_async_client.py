@@ -250,3 +250,27 @@ def test_async_client_with_a_callers_pool(dsn: str, conn: psycopg.Connection[Any
     payloads = [r["payload"] for r in rows(conn)]
     assert payloads[:5] == ["callers", 0, 1, 2, "own"]
     assert len(payloads) == 5 + 4 - outcome["failed"]
+
+
+def test_the_kept_connection_serves_calls_in_a_row_and_is_replaced_when_broken(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    async def body(client: pgq.AsyncClient) -> None:
+        await client.enqueue(pgq.Task("t", 0))
+        pool = await client._get_pool()
+        before = pool.get_stats().get("requests_num", 0)
+        for i in range(1, 10):
+            await client.enqueue(pgq.Task("t", i))
+        await client.enqueue_many([pgq.Task("t", i) for i in range(100)])
+        assert pool.get_stats().get("requests_num", 0) == before  # no checkout from the pool
+        async with await client._checkout() as held:  # taken: the next call uses the pool
+            pid = held.info.backend_pid
+            await client.enqueue(pgq.Task("t", 10))
+        assert pool.get_stats().get("requests_num", 0) == before + 1
+        conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))  # waits for it to end
+        with pytest.raises(psycopg.OperationalError):
+            await client.enqueue(pgq.Task("t", 11))
+        await client.enqueue(pgq.Task("t", 12))
+
+    run(dsn, body)
+    assert conn.execute("SELECT count(*) AS n FROM pgq.task").fetchone() == {"n": 112}

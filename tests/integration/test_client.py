@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 
 import pgq
 from pgq.client import STREAM_TRAIL, WakeDebouncer
+from tests.fixtures.util import wait_for
 
 
 @pytest.fixture
@@ -862,3 +863,72 @@ def test_a_copied_batch_runs_with_the_collector_paused(
     client.enqueue_many([pgq.Task("t", {"i": i}) for i in range(n - 1)])  # below the COPY size: no pause
     assert all(seen[-(n - 1) :])
     assert conn.execute("SELECT count(*) AS n FROM pgq.task").fetchone() == {"n": 2 * n - 1}
+
+
+# --- the kept connection: single calls skip the pool's checkout, and never wait for it ---------
+
+
+def _pool_requests(client: pgq.Client) -> int:
+    return int(client._pool.get_stats().get("requests_num", 0))
+
+
+def _backend_pids(conn: psycopg.Connection[Any]) -> set[int]:
+    rows = conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name LIKE 'pgq:client:%%'"
+    ).fetchall()
+    return {r["pid"] for r in rows}
+
+
+def test_calls_in_a_row_keep_one_connection_out_of_the_pool(
+    client: pgq.Client, conn: psycopg.Connection[Any]
+) -> None:
+    client.enqueue(pgq.Task("t", 0))
+    before = _pool_requests(client)
+    for i in range(1, 20):
+        client.enqueue(pgq.Task("t", i))
+    client.enqueue_many([pgq.Task("t", i) for i in range(100)])
+    assert _pool_requests(client) == before  # no checkout from the pool
+    assert conn.execute("SELECT count(*) AS n FROM pgq.task").fetchone() == {"n": 120}
+
+
+def test_a_call_that_finds_the_kept_connection_taken_uses_the_pool(client: pgq.Client) -> None:
+    client.enqueue(pgq.Task("t", 0))
+    before = _pool_requests(client)
+    with client._checkout() as held:  # as another thread in a call would hold it
+        info = client.enqueue(pgq.Task("t", 1))  # same thread: a wait would never end
+        assert info.state == "pending"
+        assert held.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert _pool_requests(client) == before + 1
+
+
+def test_a_broken_kept_connection_goes_back_and_the_next_call_gets_a_new_one(
+    client: pgq.Client, conn: psycopg.Connection[Any]
+) -> None:
+    client.enqueue(pgq.Task("t", 0))
+    with client._checkout() as kept:
+        pid = kept.info.backend_pid
+    conn.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))  # waits for it to end
+    with pytest.raises(psycopg.OperationalError):
+        client.enqueue(pgq.Task("t", 1))  # as a pooled connection killed while idle would
+    assert client.enqueue(pgq.Task("t", 2)).state == "pending"
+    assert [r["payload"] for r in conn.execute("SELECT payload FROM pgq.task ORDER BY id")] == [0, 2]
+
+
+def test_the_kept_connection_goes_back_through_the_pool_after_kept_seconds(
+    client: pgq.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client.enqueue(pgq.Task("t", 0))
+    before = _pool_requests(client)
+    monkeypatch.setattr(pgq.client, "KEPT_SECONDS", -1.0)
+    for i in range(3):
+        client.enqueue(pgq.Task("t", i))
+    assert _pool_requests(client) == before + 3
+
+
+def test_close_returns_the_kept_connection(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    client = pgq.Client(dsn)
+    client.enqueue(pgq.Task("t", 0))
+    assert len(_backend_pids(conn)) >= 1
+    client.close()
+    wait_for(lambda: not _backend_pids(conn), timeout=10, what="the client's connections to close")
