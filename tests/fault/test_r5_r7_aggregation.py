@@ -112,8 +112,11 @@ def test_r5_leader_backend_killed_during_aggregation(fdb: str, workers: Any, cha
     kills = {"leader": 0, "worker": 0}
 
     def killer() -> None:
+        # Kills go on after the producers stop until the leader was killed three times (or
+        # 30 s passed): a fast enqueue must not leave the test with too few leader changes.
+        deadline = time.monotonic() + 30
         for i in itertools.count():
-            if stop.wait(size(0.5, 1.0)):
+            if stop.wait(size(0.5, 1.0)) and (kills["leader"] >= 3 or time.monotonic() > deadline):
                 return
             kills["leader"] += chaos.terminate("pgq:leader:%")
             if i % 3 == 2:  # also cut aggregation transactions in flight
