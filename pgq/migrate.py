@@ -3,6 +3,13 @@
 Idempotent (applied versions are recorded in <schema>.migration) and safe to run
 concurrently: a session advisory lock keyed on the schema serialises runners, and
 a runner that waited finds the versions already applied.
+
+After the migrations, the dashboard views (sql/views/) are created again. A
+migration that changes columns the views read drops them first (0003 does), and
+the views, and any function typed by them, come back with default privileges:
+the ACLs of the schema's views and functions are read before the migrations and
+given back to whatever was created anew (`_restore_acls`), so the grants of
+sql/roles.sql or an operator's own survive an upgrade.
 """
 
 from __future__ import annotations
