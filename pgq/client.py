@@ -568,17 +568,33 @@ class _Kept:
         self.conn: Any = None
         self.since = 0.0
 
-    def stale(self) -> bool:
-        """Whether the kept connection must go back to the pool before the next call."""
+    def take(self) -> tuple[bool, Any]:
+        """Try to take the kept connection for a call: (taken, a connection to hand back
+        to the pool first: the kept one, closed or kept past KEPT_SECONDS). Taken, the
+        caller holds the lock until `done`, and gets a new one from the pool when
+        `conn` is None."""
+        if not self.lock.acquire(blocking=False):
+            return False, None
         conn = self.conn
-        return conn is not None and (conn.closed or time.monotonic() - self.since > KEPT_SECONDS)
+        stale = conn is not None and (conn.closed or time.monotonic() - self.since > KEPT_SECONDS)
+        return True, self.release() if stale else None
 
-    def spent(self) -> bool:
-        """Whether the call just made left the kept connection unfit to keep."""
-        conn = self.conn
-        return conn is not None and (
-            conn.broken or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
-        )
+    def hold(self, conn: Any) -> None:
+        self.conn, self.since = conn, time.monotonic()
+
+    def done(self, pool_closed: bool) -> Any:
+        """After a call: release the lock; the connection to hand back to the pool when
+        the call left it unfit to keep (broken, in a transaction) or the pool closed."""
+        try:
+            conn = self.conn
+            spent = conn is not None and (
+                pool_closed
+                or conn.broken
+                or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+            )
+            return self.release() if spent else None
+        finally:
+            self.lock.release()
 
     def release(self) -> Any:
         """The kept connection, no longer kept (to hand back to the pool)."""
@@ -607,33 +623,30 @@ class _Checkout:
     def __enter__(self) -> psycopg.Connection[Any]:
         kept = self._kept
         assert kept is not None
-        if not kept.lock.acquire(blocking=False):
+        taken, stale = kept.take()
+        if not taken:
             self._kept = None
-            conn: psycopg.Connection[Any] = self._pool.getconn()
-            self._conn = conn
-            return conn
+            pooled: psycopg.Connection[Any] = self._pool.getconn()
+            self._conn = pooled
+            return pooled
         try:
-            if kept.stale():
-                self._pool.putconn(kept.release())
+            if stale is not None:
+                self._pool.putconn(stale)
             if kept.conn is None:
-                kept.conn = self._pool.getconn()
-                kept.since = time.monotonic()
+                kept.hold(self._pool.getconn())
         except BaseException:
-            kept.lock.release()
+            leftover = kept.done(False)
+            if leftover is not None:
+                self._pool.putconn(leftover)
             raise
-        self._conn = kept.conn
-        return self._conn
+        conn: psycopg.Connection[Any] = kept.conn
+        self._conn = conn
+        return conn
 
     def __exit__(self, *exc: object) -> None:
-        kept = self._kept
-        if kept is None:
-            self._pool.putconn(self._conn)
-            return
-        try:
-            if kept.spent() or self._pool.closed:
-                self._pool.putconn(kept.release())  # the pool rolls it back, replaces or closes it
-        finally:
-            kept.lock.release()
+        conn = self._conn if self._kept is None else self._kept.done(self._pool.closed)
+        if conn is not None:
+            self._pool.putconn(conn)  # the pool rolls it back, replaces or closes it
 
 
 class _AsyncCheckout:
@@ -648,33 +661,30 @@ class _AsyncCheckout:
     async def __aenter__(self) -> psycopg.AsyncConnection[Any]:
         kept = self._kept
         assert kept is not None
-        if not kept.lock.acquire(blocking=False):
+        taken, stale = kept.take()
+        if not taken:
             self._kept = None
-            conn: psycopg.AsyncConnection[Any] = await self._pool.getconn()
-            self._conn = conn
-            return conn
+            pooled: psycopg.AsyncConnection[Any] = await self._pool.getconn()
+            self._conn = pooled
+            return pooled
         try:
-            if kept.stale():
-                await self._pool.putconn(kept.release())
+            if stale is not None:
+                await self._pool.putconn(stale)
             if kept.conn is None:
-                kept.conn = await self._pool.getconn()
-                kept.since = time.monotonic()
+                kept.hold(await self._pool.getconn())
         except BaseException:
-            kept.lock.release()
+            leftover = kept.done(False)
+            if leftover is not None:
+                await self._pool.putconn(leftover)
             raise
-        self._conn = kept.conn
-        return self._conn
+        conn: psycopg.AsyncConnection[Any] = kept.conn
+        self._conn = conn
+        return conn
 
     async def __aexit__(self, *exc: object) -> None:
-        kept = self._kept
-        if kept is None:
-            await self._pool.putconn(self._conn)
-            return
-        try:
-            if kept.spent() or self._pool.closed:
-                await self._pool.putconn(kept.release())
-        finally:
-            kept.lock.release()
+        conn = self._conn if self._kept is None else self._kept.done(self._pool.closed)
+        if conn is not None:
+            await self._pool.putconn(conn)
 
 
 class _Queries:
