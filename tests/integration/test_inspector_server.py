@@ -3,7 +3,6 @@ servers() shows the heartbeat and the active task, and cancel_task reaches the h
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from datetime import timedelta
 from typing import Any
@@ -11,31 +10,20 @@ from typing import Any
 import pytest
 
 import pgq
-from tests.fixtures.util import wait_for
+from tests.fixtures.util import blocking_mux, wait_for
 
 
 @pytest.mark.slow
 def test_member_run_by_hand_is_processed_alone_and_cancel_reaches_handler(dsn: str) -> None:
     seen: list[tuple[str, Any]] = []
     done = threading.Event()
-    started = threading.Event()
-    cancelled = threading.Event()
 
     def email(task: pgq.Task) -> None:
         seen.append((task.type, task.payload))
         done.set()
 
-    async def slow(task: pgq.Task) -> None:
-        started.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
-    mux = pgq.ServeMux()
+    mux, started, cancelled = blocking_mux("slow")
     mux.handle("email", email)
-    mux.handle("slow", slow)
     with pgq.Client(dsn, notify_window=0) as client, pgq.Inspector(dsn) as insp:
         member = client.enqueue(pgq.Task("email", "hi"), queue="q", group="g")  # no aggregator: waits
         server = pgq.Server(dsn, queues={"q": 1}, concurrency=2, poll_interval=0.2)
