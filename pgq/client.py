@@ -596,6 +596,16 @@ class _Kept:
         finally:
             self.lock.release()
 
+    def leave(self) -> Any:
+        """At close: the kept connection, to hand back to the pool; None when there is none
+        or a call in flight holds it (that call hands it back, the pool being closed)."""
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            return self.release()
+        finally:
+            self.lock.release()
+
     def release(self) -> Any:
         """The kept connection, no longer kept (to hand back to the pool)."""
         conn, self.conn = self.conn, None
@@ -1186,13 +1196,9 @@ class Client(_Queries):
             self._send_notify(pending)
         self._closed = True
         if self._own_pool:
-            if self._kept.lock.acquire(blocking=False):  # else a call in flight returns it
-                try:
-                    conn = self._kept.release()
-                    if conn is not None:
-                        self._pool.putconn(conn)
-                finally:
-                    self._kept.lock.release()
+            conn = self._kept.leave()
+            if conn is not None:
+                self._pool.putconn(conn)
             self._pool.close()
 
     def __enter__(self) -> Client:
@@ -1413,13 +1419,9 @@ class AsyncClient(_Queries):
             await self._notify(pending)
         self._closed = True
         if self._own_pool and self._pool is not None:
-            if self._kept.lock.acquire(blocking=False):  # else a call in flight returns it
-                try:
-                    conn = self._kept.release()
-                    if conn is not None:
-                        await self._pool.putconn(conn)
-                finally:
-                    self._kept.lock.release()
+            conn = self._kept.leave()
+            if conn is not None:
+                await self._pool.putconn(conn)
             await self._pool.close()
 
     async def __aenter__(self) -> AsyncClient:
